@@ -76,6 +76,31 @@ def logical_axes(boxed_tree) -> dict:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def _dict_path(path) -> tuple[str, ...]:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def like_params(tree, param_shardings, default: NamedSharding):
+    """Shardings for a tree that holds params-shaped parts (an optimizer state).
+
+    A leaf whose dict-key path ends with a parameter's path (Adam's `mu/.../kernel`)
+    takes that parameter's sharding; anything else (counts, masked groups) `default`.
+    """
+    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+    longest = max((len(p) for p in by_path), default=0)
+
+    def pick(path, leaf):
+        keys = _dict_path(path)
+        for n in range(min(len(keys), longest), 0, -1):
+            match = by_path.get(keys[-n:])
+            if match is not None and len(match.spec) <= len(getattr(leaf, "shape", ())):
+                return match
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are split along their first axis over the `data` mesh axis."""
     return NamedSharding(mesh, PartitionSpec(DATA))

@@ -91,10 +91,12 @@ def test_sharded_step_equals_the_single_device_step():
     table = params["block_1"]["engram"]["table"]["embedding"]
     assert table.spec == PartitionSpec("model", None)  # rows split over the model axis
     replicated = NamedSharding(mesh, PartitionSpec())
-    by_shape = {p.shape: s for p, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(params))}
+    opt_sharding = sharding.like_params(state.opt_state, params, replicated)
+    mu = opt_sharding[1].inner_states["table"].inner_state[0].mu  # Adam's first moment of the table group
+    assert mu["block_1"]["engram"]["table"]["embedding"].spec == PartitionSpec("model", None)
     state_sharding = training.TrainState(
         step=replicated, params=params, moe_bias=jax.tree.map(lambda _: replicated, state.moe_bias),
-        opt_state=jax.tree.map(lambda x: by_shape.get(x.shape, replicated), state.opt_state))
+        opt_state=opt_sharding)
     sharded_state, sharded_train = steps(CONFIG, state_sharding, sharding.batch_sharding(mesh))
     plain_state, plain_train = steps(CONFIG)
     batch = batch_of(CONFIG)

@@ -194,11 +194,7 @@ class Run:
         """Params and optimizer moments follow the params' logical axes; scalars replicate."""
         params = sharding.tree_shardings(self.mesh, self.axes["params"])
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        by_shape = {}
-        for p, s in zip(jax.tree.leaves(self.abstract_state.params), jax.tree.leaves(params)):
-            by_shape.setdefault(p.shape, s)
-        # Optimizer states hold moments shaped like the params (Adam, Muon) and scalars.
-        opt = jax.tree.map(lambda x: by_shape.get(x.shape, replicated), self.abstract_state.opt_state)
+        opt = sharding.like_params(self.abstract_state.opt_state, params, replicated)  # moments follow params
         bias = jax.tree.map(lambda _: replicated, self.abstract_state.moe_bias)
         return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt)
 
