@@ -51,8 +51,11 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                               create=not read_only, read_only=read_only)
+        if read_only:  # nothing to keep or save (Orbax warns about any other value)
+            options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
+                                                   read_only=True)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
