@@ -16,6 +16,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from engram_jax import data
@@ -98,7 +99,8 @@ class Checkpoints:
             items[DATA] = data.restore_args(data_iterator)
         restored = self._restore(step, items)
         model = restored[MODEL]
-        return abstract_state.replace(step=jax.numpy.asarray(step, jax.numpy.int32), params=model["params"],
+        step_sharding = getattr(abstract_state.step, "sharding", None)  # as every other restored leaf
+        return abstract_state.replace(step=jax.device_put(np.int32(step), step_sharding), params=model["params"],
                                       moe_bias=model["moe_bias"], opt_state=restored[OPT])
 
     def restore_model(self, abstract_variables: dict, step: int | None = None) -> dict:

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers
 
+from engram_jax.hashing import checked_lookup
+
 # Bump when the file layout or the compression rule changes: older cache entries then
 # fail to load and are rebuilt instead of being trusted.
 FORMAT_VERSION = 1
@@ -93,19 +95,6 @@ def build_lookup(tokenizer: TokenizerLike) -> np.ndarray:
     return np.array(lookup, dtype=np.int64)
 
 
-def _checked_lookup(lookup: np.ndarray) -> np.ndarray:
-    arr = np.asarray(lookup)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"lookup must be a non-empty 1-D [V] array, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"lookup must hold integers, got dtype {arr.dtype}")
-    out = arr.astype(np.int64)  # a private copy, so nobody else can edit it
-    if out.min() < 0:  # also catches uint64 values that wrapped around
-        raise ValueError(f"lookup holds negative ids (min {out.min()})")
-    out.flags.writeable = False
-    return out
-
-
 def _sha256_of(lookup: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(lookup, dtype="<i8").tobytes()).hexdigest()
 
@@ -137,7 +126,7 @@ class Compression:
     fingerprint: str
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lookup", _checked_lookup(self.lookup))
+        object.__setattr__(self, "lookup", checked_lookup(self.lookup))
 
     @property
     def vocab_size(self) -> int:
@@ -157,7 +146,7 @@ class Compression:
     @classmethod
     def from_lookup(cls, lookup: np.ndarray) -> Compression:
         """Wraps an explicit integer [V] lookup; raises ValueError if it is not one."""
-        return cls(lookup, _sha256_of(_checked_lookup(lookup)))
+        return cls(lookup, _sha256_of(checked_lookup(lookup)))
 
     @classmethod
     def identity(cls, vocab_size: int) -> Compression:

@@ -151,6 +151,13 @@ class EngramConfig(Config):
         conv = (self.kernel_size + 1) * g * hidden_size if self.short_conv else 0
         return len(self.layer_ids) * (proj + norms + conv)
 
+    def flops_per_token(self, hidden_size: int, branches: int) -> int:
+        """Forward FLOPs per token of one Engram layer's projections and conv (no lookup)."""
+        g = branches if self.multi_branch else 1
+        slots = 1 + g if self.gating else 1
+        conv = 2 * self.kernel_size * g * hidden_size if self.short_conv else 0
+        return 2 * self.memory_dim * slots * hidden_size + conv
+
     def make_hasher(self, lookup, dtype=np.int32) -> hashing.NgramHasher:
         """The NgramHasher of this config over a raw-to-compressed lookup [V].
 

@@ -145,6 +145,20 @@ class _BufferPool:
             return array
 
 
+def checked_lookup(lookup) -> np.ndarray:
+    """A read-only int64 copy of a raw -> compressed id lookup [V]; ValueError if it is not one."""
+    arr = np.asarray(lookup)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"lookup must be a non-empty 1-D [V] array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"lookup must hold integers, got dtype {arr.dtype}")
+    out = arr.astype(np.int64)  # a private copy, so nobody else can edit it
+    if out.min() < 0:  # also catches uint64 values that wrapped around
+        raise ValueError(f"lookup holds negative ids (min {out.min()})")
+    out.flags.writeable = False
+    return out
+
+
 class NgramHasher:
     """Hashes raw token ids into per-head row ids of every Engram layer's table.
 
@@ -179,14 +193,7 @@ class NgramHasher:
         seed: int,
         dtype=np.int32,
     ):
-        lookup = np.asarray(lookup)
-        if lookup.ndim != 1 or lookup.size == 0 or not np.issubdtype(lookup.dtype, np.integer):
-            raise ValueError(
-                f"lookup must be a non-empty 1-D integer array, got {lookup.dtype} {lookup.shape}"
-            )
-        if lookup.min() < 0:
-            raise ValueError(f"lookup holds a negative compressed id ({lookup.min()})")
-        self.lookup = lookup.astype(np.int64)
+        self.lookup = lookup = checked_lookup(lookup)
         self.vocab_size = int(lookup.size)
         self.num_compressed = int(lookup.max()) + 1
 
@@ -235,15 +242,6 @@ class NgramHasher:
     def num_heads(self) -> int:
         """Hash heads per layer, (N - 1) * K."""
         return (self.max_ngram_size - 1) * self.heads_per_ngram
-
-    def table_rows(self, layer_id: int) -> int:
-        """Rows of layer `layer_id`'s table: the sum of its head primes."""
-        return sum(sum(order) for order in self.head_sizes[layer_id])
-
-    def head_offsets(self, layer_id: int) -> np.ndarray:
-        """First row of each head in the layer's table, [H] (exclusive prefix sum)."""
-        sizes = [p for order in self.head_sizes[layer_id] for p in order]
-        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
     def compress(self, input_ids) -> np.ndarray:
         """Raw ids [B, T] -> compressed ids [B, T] int64 (negative ids pass through)."""
@@ -326,7 +324,7 @@ class _Workspace:
         lead = max_ngram_size - 1
         self.padded = np.empty((b, t + lead), np.int64)  # [B, T + N - 1]: pad' then ids
         if t <= _TILE_TOKENS:
-            self.rows, self.cols = max(1, _TILE_TOKENS // max(t, 1)), t
+            self.rows, self.cols = max(1, min(b, _TILE_TOKENS // max(t, 1))), t
         else:
             self.rows, self.cols = 1, _TILE_TOKENS
         size = self.rows * self.cols

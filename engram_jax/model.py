@@ -220,7 +220,8 @@ class ParamCount:
         "activated (w/o token embed)"): routed experts count top_k of E, Engram tables
         count the H rows each token reads.
       engram: parameters of the Engram tables.
-      engram_layers: the other Engram parameters (projections, norms, conv).
+      engram_layers: the other Engram parameters (projections, norms, conv; the mHC
+        maps of single-branch fusion).
       routed_experts: parameters of all routed experts.
       embedding: the token embedding; lm_head: the output projection (0 when tied).
       rho: eq. 7's allocation ratio, the routed experts' share of the inactive
@@ -252,7 +253,7 @@ def count_params(config: ModelConfig) -> ParamCount:
     leaves = _leaves(variable_shapes(config)["params"])
     total = sum(math.prod(s) for _, s in leaves)
     engram = sum(math.prod(s) for p, s in leaves if p[-3:] == ("engram", "table", "embedding"))
-    engram_layers = sum(math.prod(s) for p, s in leaves if "engram" in p) - engram
+    engram_layers = sum(math.prod(s) for p, s in leaves if {"engram", "engram_hc"} & set(p)) - engram
     experts = config.moe.num_experts if config.moe else 0
     # Routed experts: the kernels of a MoE stacked over a leading expert axis.
     routed = sum(math.prod(s) for p, s in leaves if "moe" in p and len(s) == 3 and s[0] == experts)
@@ -271,7 +272,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs per token (multiply-adds count 2); training is about 3x this."""
     d, g = config.hidden_size, config.branches
     flops = 2 * d * config.vocab_size  # LM head
-    maps = 2 * g * d * (g * g + 2 * g) + 4 * g * g * d if g > 1 else 0  # mHC maps, read, write
+    maps = config.mhc.flops_per_token(d)  # one sublayer's mHC maps, read and write
     for layer in range(config.num_layers):
         flops += config.attention.flops_per_token(d, seq_len) + 2 * maps
         if config.is_moe(layer):
@@ -279,9 +280,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> int:
         else:
             flops += 2 * mlp_params(d, config.mlp_dim)
         if config.has_engram(layer):
-            e = config.engram
-            slots = 1 + (g if e.multi_branch else 1) if e.gating else 1
-            flops += 2 * e.memory_dim * slots * d + 2 * e.kernel_size * g * d
+            flops += config.engram.flops_per_token(d, g)
+            if not config.engram.multi_branch:  # Engram is then an mHC sublayer of its own
+                flops += maps
     return flops
 
 

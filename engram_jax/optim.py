@@ -17,6 +17,7 @@ import jax
 import optax
 
 from engram_jax.config_base import Config
+from engram_jax.sharding import is_axes
 from engram_jax.table import DIM, ROWS
 
 TABLE, BACKBONE = "table", "backbone"
@@ -91,10 +92,6 @@ def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([ramp, after], [warmup])
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-
-
 def param_labels(axes) -> dict:
     """`table` for Engram tables, `backbone` for every other parameter.
 
@@ -102,7 +99,7 @@ def param_labels(axes) -> dict:
       axes: a pytree of logical axis-name tuples, one per parameter (`logical_axes`).
     """
     return jax.tree.map(lambda names: TABLE if tuple(names) == (ROWS, DIM) else BACKBONE, axes,
-                        is_leaf=_is_axes)
+                        is_leaf=is_axes)
 
 
 def muon_dimensions(names: tuple) -> optax.contrib.MuonDimensionNumbers | None:
@@ -136,14 +133,14 @@ def build_optimizer(config: OptimConfig, axes, total_steps: int) -> optax.Gradie
     """
     lr = schedule(config, total_steps)
     table_lr = lambda step: config.table_lr_multiplier * lr(step)  # noqa: E731
-    matrices = jax.tree.map(lambda names: len(names) >= 2, axes, is_leaf=_is_axes)
+    matrices = jax.tree.map(lambda names: len(names) >= 2, axes, is_leaf=is_axes)
     if config.algorithm == "muon":
         backbone = optax.contrib.muon(
             lr, beta=config.muon_momentum, weight_decay=config.weight_decay, weight_decay_mask=matrices,
             # Muon's Adam side (embeddings, LM head, vectors) takes an unmasked decay:
             # keep it at 0 so that norms and biases are never decayed.
             adam_b1=config.b1, adam_b2=config.b2, adam_weight_decay=0.0,
-            muon_weight_dimension_numbers=jax.tree.map(muon_dimensions, axes, is_leaf=_is_axes))
+            muon_weight_dimension_numbers=jax.tree.map(muon_dimensions, axes, is_leaf=is_axes))
     else:
         backbone = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                                weight_decay=config.weight_decay, mask=matrices)

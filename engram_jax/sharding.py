@@ -58,10 +58,14 @@ def logical_to_spec(names) -> PartitionSpec:
     return PartitionSpec(*(rules.get(n) for n in names))
 
 
+def is_axes(x) -> bool:
+    """Whether `x` is one array's logical axis names (a leaf of an axes tree)."""
+    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
 def tree_shardings(mesh: Mesh, axes) -> dict:
     """NamedShardings for a pytree of logical axis-name tuples (one per array)."""
-    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
-    return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names)), axes, is_leaf=is_names)
+    return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names)), axes, is_leaf=is_axes)
 
 
 def logical_axes(boxed_tree) -> dict:

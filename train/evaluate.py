@@ -28,25 +28,38 @@ from engram_jax.hashing import NgramHasher
 from engram_jax.model import Model, ModelConfig
 
 
-def validation_metrics(run_config, tokenizer: Tokenizer, hasher: NgramHasher | None, evaluate, mesh) -> dict:
-    """Loss (nats/token), perplexity and bits per byte over `eval_batches` batches.
+class Validation:
+    """The validation split, read once per run: its batches and its bytes per token.
 
     Args:
       run_config: the RunConfig (its data and eval_batches are used).
-      evaluate: `evaluate(batch) -> {"loss_sum", "tokens", ...}` on global batches.
-      mesh: the mesh that batches are placed on.
+      tokenizer, hasher: the run's tokenizer and `NgramHasher` (None without Engram).
     """
-    pipeline = data.Pipeline(run_config.data, tokenizer, hasher, "validation")
-    loss_sum = tokens = 0.0
-    for batch in pipeline.iterator(run_config.eval_batches):
-        out = jax.device_get(evaluate(sharding.global_batch(mesh, batch)))
-        loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-    if not tokens:
-        raise ValueError("the validation split yields no batch: use more data or a smaller data.batch_size")
-    loss = loss_sum / tokens
-    bytes_per_token = data.bytes_per_token(run_config.data, tokenizer, "validation")
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-            "val_bits_per_byte": loss / math.log(2) / bytes_per_token}
+
+    def __init__(self, run_config, tokenizer: Tokenizer, hasher: NgramHasher | None):
+        self.pipeline = data.Pipeline(run_config.data, tokenizer, hasher, "validation")
+        self.bytes_per_token = data.bytes_per_token(run_config.data, tokenizer, "validation")
+        self.num_batches = run_config.eval_batches
+
+    def metrics(self, evaluate, mesh) -> dict:
+        """Loss (nats/token), perplexity and bits per byte over `eval_batches` batches.
+
+        Args:
+          evaluate: `evaluate(batch) -> {"loss_sum", "tokens", ...}` on global batches.
+          mesh: the mesh that batches are placed on.
+        """
+        iterator = self.pipeline.iterator(self.num_batches)
+        try:  # dispatch every batch, then read the sums back once
+            sums = [(out["loss_sum"], out["tokens"]) for out in
+                    (evaluate(sharding.global_batch(mesh, batch)) for batch in iterator)]
+        finally:
+            iterator.close()
+        loss_sum = tokens = 0.0
+        for batch_loss, batch_tokens in jax.device_get(sums):
+            loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
+        loss = loss_sum / tokens
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+                "val_bits_per_byte": loss / math.log(2) / self.bytes_per_token}
 
 
 class Trained:
@@ -78,16 +91,15 @@ class Trained:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(shapes), shardings)
         self.step = step if step is not None else checkpoints.latest_step()
-        variables = checkpoints.restore_model({"params": abstract["params"],
-                                               "moe_bias": abstract.get("moe_bias", {})}, self.step)
-        self.variables = {"params": variables["params"], "moe_bias": variables["moe_bias"]}
+        self.variables = checkpoints.restore_model({"params": abstract["params"],
+                                                    "moe_bias": abstract.get("moe_bias", {})}, self.step)
         checkpoints.close()
 
     def validate(self) -> dict:
         evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model))
         v = self.variables
-        return validation_metrics(self.config, self.tokenizer, self.hasher,
-                                  lambda batch: evaluate(v["params"], v["moe_bias"], batch), self.mesh)
+        return Validation(self.config, self.tokenizer, self.hasher).metrics(
+            lambda batch: evaluate(v["params"], v["moe_bias"], batch), self.mesh)
 
     def encode(self, text: str) -> list[int]:
         """The prompt's ids after an end-of-document id, as documents start in training."""
@@ -114,9 +126,8 @@ class Trained:
         buffer[0, : len(tokens)] = tokens
         hash_ids = {}
         if self.hasher is not None:
-            hash_ids = {k: v.copy() for k, v in self.hasher(buffer[:, : len(tokens)]).items()}
             hash_ids = {k: np.concatenate([v, np.zeros((1, max_new_tokens, v.shape[-1]), v.dtype)], 1)
-                        for k, v in hash_ids.items()}
+                        for k, v in self.hasher(buffer[:, : len(tokens)]).items()}
         logits_at = jax.jit(lambda v, t, h, i: Model(cfg).apply(v, t, h)[0, i])
         key = jax.random.key(seed)
         end = data.eod_id(self.tokenizer)

@@ -15,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,7 +31,7 @@ from engram_jax.data import DataConfig
 from engram_jax.model import ModelConfig
 from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
-from train.evaluate import validation_metrics
+from train.evaluate import Validation
 
 log = logging.getLogger("engram_jax.train")
 
@@ -179,13 +177,14 @@ class Run:
             log.info("tokenizer compression: %d -> %d ids (%.1f%% fewer)", compression.vocab_size,
                      compression.num_compressed, 100 * compression.ratio)
             self.hasher = config.model.engram.make_hasher(compression.lookup)
+        self.validation = Validation(config, self.tokenizer, self.hasher)
         self.mesh = sharding.make_mesh(config.mesh)
         shapes = model.variable_shapes(config.model)
         self.axes = sharding.logical_axes(shapes)
         self.schedule = optim.schedule(config.optim, config.steps)
         self.tx = optim.build_optimizer(config.optim, self.axes["params"], config.steps)
-        self.abstract_state = jax.eval_shape(
-            lambda: training.init_state(config.model, self.tx, jax.random.key(config.seed)))
+        self._init = lambda: training.init_state(config.model, self.tx, jax.random.key(config.seed))
+        self.abstract_state = jax.eval_shape(self._init)
         self.state_sharding = self._state_sharding()
         bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
         self.train_step, self.eval_step = training.jit_steps(
@@ -200,9 +199,7 @@ class Run:
         return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt)
 
     def init_state(self) -> training.TrainState:
-        init = jax.jit(lambda: training.init_state(self.config.model, self.tx, jax.random.key(self.config.seed)),
-                       out_shardings=self.state_sharding)
-        return init()
+        return jax.jit(self._init, out_shardings=self.state_sharding)()
 
     def abstract_with_sharding(self):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -214,8 +211,7 @@ class Run:
 
     def evaluate(self, state) -> dict:
         """Validation metrics of `state` (the same function `engram-eval` runs)."""
-        return validation_metrics(self.config, self.tokenizer, self.hasher,
-                                  lambda batch: self.eval_step(state, batch), self.mesh)
+        return self.validation.metrics(lambda batch: self.eval_step(state, batch), self.mesh)
 
 
 def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
@@ -286,7 +282,10 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
                 if lead:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
             checkpoints.save(done, state, config.to_dict(), iterator, force=done == end)
+            if done % config.eval_every == 0:  # tokens/s counts training steps only
+                clock = (time.perf_counter(), done)
     finally:
+        iterator.close()
         bar.close()
         checkpoints.wait()
         writer.close()
