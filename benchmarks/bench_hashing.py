@@ -1,14 +1,20 @@
-"""Hashing throughput on one core: `NgramHasher` beside a plain transcription of the spec.
+"""Hashing throughput on one core: `NgramHasher`, its jitted device form, and the spec.
 
 Size (issue 2): batch 64 x 4096 raw ids, N = 3, K = 8, two Engram layers [1, 15], base
 table size 2,262,400 (Engram-27B), raw vocab 129,280 compressed to 99,092 ids.
 
     python benchmarks/bench_hashing.py [--repeats 30] [--core 0]
 
-Prints one JSON object. Variants run interleaved, so machine noise hits all alike:
+Prints one JSON object. Every variant is checked against `plain_numpy` first, then
+timed for `--repeats` steps after 3 warm-up steps (plain NumPy, which is slow, only on
+every fifth step); variants run interleaved, so machine noise hits all alike:
 - `engram_jax_int32` / `engram_jax_int64`: the library as used, results dropped each
-  step (the hasher recycles output arrays nobody holds).
+  step (the hasher recycles the memory of results nobody holds).
 - `engram_jax_int32_fresh`: the same with recycling off, every output freshly mapped.
+- `device_jit`: `NgramHasher.on_device()` under `jax.jit` on JAX's default backend (the
+  CPU here; the core pinning applies to XLA's threads too), ids already on the device,
+  results left there: the in-graph cost. Compilation is timed once, separately.
+- `device_jit_numpy_io`: the same from NumPy ids to NumPy results, as the host hasher.
 - `plain_numpy`: the spec written out directly (np.remainder per head, np.stack), the
   way the reference demo computes it.
 """
@@ -21,6 +27,7 @@ import os
 import platform
 import time
 
+import jax
 import numpy as np
 
 from engram_jax.hashing import NgramHasher, head_primes, layer_multipliers
@@ -66,16 +73,24 @@ def main() -> None:
     h64 = NgramHasher(lookup, dtype=np.int64, **common)
     fresh = NgramHasher(lookup, dtype=np.int32, **common)
     fresh._pool.capacity = 0  # no recycling: every output is newly allocated
+    device = jax.jit(h32.on_device())
+    ids32 = ids.astype(np.int32)
+    on_device = jax.device_put(ids32)
+    start = time.perf_counter()
+    jax.block_until_ready(device(on_device))
+    compile_s = time.perf_counter() - start
     variants = {
         "engram_jax_int32": lambda: h32(ids),
         "engram_jax_int64": lambda: h64(ids),
         "engram_jax_int32_fresh": lambda: fresh(ids),
+        "device_jit": lambda: jax.block_until_ready(device(on_device)),
+        "device_jit_numpy_io": lambda: {k: np.asarray(v) for k, v in device(ids32).items()},
         "plain_numpy": lambda: plain_numpy(lookup, ids),
     }
     expected = plain_numpy(lookup, ids)
     for name, fn in variants.items():
         got = fn()
-        assert all(np.array_equal(got[layer], expected[layer]) for layer in LAYERS), name
+        assert all(np.array_equal(np.asarray(got[layer]), expected[layer]) for layer in LAYERS), name
 
     times = {name: [] for name in variants}
     for step in range(args.repeats + 3):
@@ -107,7 +122,9 @@ def main() -> None:
                  "layers": list(LAYERS), "table_size": TABLE_SIZE, "raw_vocab": RAW_VOCAB,
                  "compressed_vocab": COMPRESSED_VOCAB},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores_used": 1,
-                    "python": platform.python_version(), "numpy": np.__version__},
+                    "python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
+                    "jax_device": str(jax.devices()[0].device_kind)},
+        "repeats": args.repeats, "warmup": 3, "device_compile_s": round(compile_s, 2),
         "results": results,
     }, indent=2))
 

@@ -1,7 +1,9 @@
 """Multi-head N-gram hashing (paper eq. 1; reference section 2).
 
 Hash ids depend only on the tokens, so they are computed on the host in NumPy (in the
-input pipeline, paper section 2.5) and reach the device with the batch.
+input pipeline, paper section 2.5) and reach the device with the batch. Where they are
+needed inside jit (decoding, in-graph hashing), `NgramHasher.on_device()` gives the same
+ids in 32-bit integer arithmetic (`engram_jax.hashing_device`).
 
 For layer L, order n and head j, with compressed ids x and odd int64 multipliers m:
 
@@ -14,12 +16,18 @@ has its own prime table size p. All products stay below 2**63, so int64 is exact
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import functools
+import math
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
+
+from engram_jax import hashing_device
 
 # Reference section 2: the generator for layer L is seeded with seed + 10007 * L.
 LAYER_SEED_STRIDE = 10007
@@ -113,36 +121,45 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 class _BufferPool:
-    """Recycles output arrays that no one but the pool still references.
+    """Output arrays whose memory returns to the pool once no array can reach it.
 
     Writing into freshly mapped pages costs as much as the hashing itself (measured on a
-    2-core VM: ~8 ms per 32 MB), so arrays this hasher returned earlier are reused once
-    CPython's reference count shows that the caller has dropped them: a view, a buffer
-    export or any other name keeps an array out of reuse, so a result that is still held
-    is never overwritten.
+    2-core VM: ~8 ms per 32 MB), so the memory of results the caller has dropped is
+    reused. Each result is a new array over a pooled block, made through a fresh ctypes
+    lease of the block: NumPy keeps the lease as the array's base, every later view keeps
+    the array or the lease, and every buffer export keeps its array, so the lease lives
+    as long as anything can reach that memory. A `weakref.finalize` on the lease hands
+    the block back. Safety rests on Python's object lifetime (a reachable object is never
+    freed), not on reference counts: an interpreter that frees later (deferred counting,
+    a cycle) only makes the pool allocate more.
     """
 
     def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self.arrays: list[np.ndarray] = []
-        self.lock = threading.Lock()
+        self.capacity = capacity  # free blocks kept per size; 0 turns recycling off
+        self.free: dict[int, collections.deque] = {}  # nbytes -> free blocks
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        with self.lock:
-            for i in range(len(self.arrays)):
-                candidate = self.arrays[i]
-                if candidate.shape == shape and candidate.dtype == dtype:
-                    del candidate
-                    # Two references mean only the list (and getrefcount's argument).
-                    if sys.getrefcount(self.arrays[i]) == 2:
-                        array = self.arrays.pop(i)
-                        self.arrays.append(array)  # most recently used last
-                        return array
-            array = np.empty(shape, dtype)
-            self.arrays.append(array)
-            if len(self.arrays) > self.capacity:
-                self.arrays.pop(0)
-            return array
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or self.capacity <= 0:
+            return np.empty(shape, dtype)
+        free = self.free.setdefault(nbytes, collections.deque())  # atomic, unlike defaultdict
+        try:
+            block = free.pop()  # atomic: no two callers get one block
+        except IndexError:
+            block = np.empty(nbytes, np.uint8)
+        lease = (ctypes.c_char * nbytes).from_buffer(block)
+        flat = np.frombuffer(lease, dtype)
+        if flat.base is not lease:  # a NumPy that bypasses the lease: never recycle this block
+            return flat.reshape(shape)
+        # The finalizer may run in any thread, mid-call: deque.append needs no lock.
+        weakref.finalize(lease, _give_back, free, block, self.capacity).atexit = False
+        return flat.reshape(shape)
+
+
+def _give_back(free: collections.deque, block: np.ndarray, capacity: int) -> None:
+    if len(free) < capacity:
+        free.append(block)
 
 
 def checked_lookup(lookup) -> np.ndarray:
@@ -242,6 +259,15 @@ class NgramHasher:
     def num_heads(self) -> int:
         """Hash heads per layer, (N - 1) * K."""
         return (self.max_ngram_size - 1) * self.heads_per_ngram
+
+    def on_device(self) -> hashing_device.DeviceHasher:
+        """This hasher as a pure, jittable function of int32 raw ids [B, T], bit-equal to it.
+
+        `f(raw_ids) -> {layer_id: int32 [B, T, H]}` in 32-bit integer arithmetic (no x64);
+        `f.context` and `f.step` hash one new token per decode step. Raises ValueError when
+        an id or a head size does not fit int32. See `engram_jax.hashing_device`.
+        """
+        return hashing_device.DeviceHasher.from_host(self)
 
     def compress(self, input_ids) -> np.ndarray:
         """Raw ids [B, T] -> compressed ids [B, T] int64 (negative ids pass through)."""
