@@ -2,10 +2,14 @@
 
 A split's documents d_1..d_m are tokenized once (cached as `.npy`) and joined, each
 followed by the end-of-document id e, into one stream s = tok(d_1) e tok(d_2) e ...
-Window w (0 <= w < W = |s| // (T + 1)) is s[w (T + 1) : (w + 1) (T + 1)]; the tail of
-fewer than T + 1 tokens is dropped. For window x of T + 1 tokens:
+Window w (0 <= w < W = (|s| - 1) // T) is s[w T : w T + T + 1]: windows overlap by one
+token, so every pair (s[i], s[i + 1]) up to the last whole window is one (input, target)
+pair of exactly one window; the tail is dropped. For window x of T + 1 tokens:
 
     inputs  = x[0 : T],   targets = x[1 : T + 1],   hash_ids = NgramHasher(inputs)
+
+The end-of-document token is `DataConfig.eod_token`, or the first of _EOD_CANDIDATES
+that the tokenizer knows.
 
 Grain runs the rest on `MapDataset`s, so every element has an index and the iterator's
 state is one integer: training reads windows in a seeded permutation that is redrawn
@@ -48,9 +52,14 @@ from engram_jax.hashing import NgramHasher
 
 EOD_TOKEN = "<|endoftext|>"  # id 0 of a trained tokenizer
 PAD_TOKEN = "<|pad|>"  # id 1 of a trained tokenizer
-# End-of-document tokens of common hub tokenizers (GPT-2/Qwen, Llama 3, Llama 2/T5, Gemma).
-_EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
-_PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]")
+# DeepSeek-V3's (the paper presets' tokenizer) end of document and pad, ids 1 and 2 of its
+# tokenizer.json. The bars are U+FF5C (fullwidth) and the spaces U+2581, not ASCII.
+DEEPSEEK_EOD_TOKEN = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+DEEPSEEK_PAD_TOKEN = "<\uff5c\u2581pad\u2581\uff5c>"
+# End-of-document tokens of common hub tokenizers (GPT-2/Qwen, DeepSeek-V3, Llama 3,
+# Llama 2/T5, Gemma), tried in this order when DataConfig.eod_token is "".
+_EOD_CANDIDATES = (EOD_TOKEN, DEEPSEEK_EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
+_PAD_CANDIDATES = (PAD_TOKEN, DEEPSEEK_PAD_TOKEN, "<pad>", "[PAD]")
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
 SPLITS = ("train", "validation")
@@ -87,7 +96,11 @@ class DataConfig(Config):
       tokenizer: "" trains a byte-level BPE on the training split (cached); else a
         tokenizer.json path or a Hugging Face hub name (online).
       vocab_size: ids of the trained BPE, special tokens included (ignored otherwise).
-      seq_len: T, tokens per training sequence; each window holds T + 1.
+      eod_token: the token that ends each document in the stream; "" picks the first of
+        `<|endoftext|>`, DeepSeek's `<｜end▁of▁sentence｜>`, `<|end_of_text|>`, `</s>`,
+        `<eos>` that the tokenizer has.
+      seq_len: T, tokens per training sequence; each window holds T + 1 and the next
+        starts T tokens later.
       batch_size: B, the global batch size.
       val_fraction: share of files (or records) held out for validation.
       seed: seed of the shuffle (0 <= seed < 2**32, as Grain requires).
@@ -99,6 +112,7 @@ class DataConfig(Config):
     text_field: str = "text"
     tokenizer: str = ""
     vocab_size: int = 4096
+    eod_token: str = ""
     seq_len: int = 256
     batch_size: int = 16
     val_fraction: float = 0.05
@@ -340,27 +354,40 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     return tok
 
 
-def eod_id(tokenizer: Tokenizer) -> int:
-    """Id of the end-of-document token (the first of _EOD_CANDIDATES it knows)."""
-    for token in _EOD_CANDIDATES:
-        if (i := tokenizer.token_to_id(token)) is not None:
+def eod_id(tokenizer: Tokenizer, token: str = "") -> int:
+    """Id of the end-of-document token: `token` (DataConfig.eod_token), or if it is "",
+    the first of _EOD_CANDIDATES that the tokenizer knows.
+
+    Raises:
+      ValueError: one line naming the missing token and the `data.eod_token` setting.
+    """
+    if token:
+        if (i := tokenizer.token_to_id(token)) is None:
+            raise ValueError(f"data.eod_token {token!r} is not a token of the tokenizer; "
+                             "set it to the token that ends a document")
+        return i
+    for candidate in _EOD_CANDIDATES:
+        if (i := tokenizer.token_to_id(candidate)) is not None:
             return i
-    raise ValueError(f"the tokenizer has none of the end-of-document tokens {_EOD_CANDIDATES}")
+    raise ValueError(f"the tokenizer has no end-of-document token (tried "
+                     f"{', '.join(_EOD_CANDIDATES)}); set data.eod_token to the token that "
+                     "ends a document")
 
 
-def pad_id(tokenizer: Tokenizer) -> int:
+def pad_id(tokenizer: Tokenizer, eod_token: str = "") -> int:
     """Id of the pad token, or the end-of-document id when it has none (for Engram pad_id)."""
     for token in _PAD_CANDIDATES:
         if (i := tokenizer.token_to_id(token)) is not None:
             return i
-    return eod_id(tokenizer)
+    return eod_id(tokenizer, eod_token)
 
 
 def _token_stream(config: DataConfig, tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
     """int32 [N]: each document's ids followed by the EOD id; cached as `.npy`."""
+    end = eod_id(tokenizer, config.eod_token)  # before any work: a missing token fails here
     h = _documents_fingerprint(documents)
     h.update(tokenizer.to_str().encode("utf-8"))
-    h.update(f"format={FORMAT_VERSION}".encode())
+    h.update(f"format={FORMAT_VERSION} eod={end}".encode())
     path = config.cache_root / "tokens" / f"{h.hexdigest()}.npy"
     if path.exists():
         try:
@@ -373,8 +400,8 @@ def _token_stream(config: DataConfig, tokenizer: Tokenizer, documents: list[str]
     tok = Tokenizer.from_str(tokenizer.to_str())
     tok.encode_special_tokens = True
     encodings = tok.encode_batch_fast(documents, add_special_tokens=False)
-    end = np.array([eod_id(tokenizer)], np.int32)
-    tokens = np.concatenate([a for e in encodings for a in (np.asarray(e.ids, np.int32), end)])
+    sep = np.array([end], np.int32)
+    tokens = np.concatenate([a for e in encodings for a in (np.asarray(e.ids, np.int32), sep)])
     try:
         _atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False))
     except OSError as err:
@@ -401,18 +428,23 @@ def bytes_per_token(config: DataConfig, tokenizer: Tokenizer, split: str = "vali
 # ----------------------------------------------------------------------------- pipeline
 
 class _Windows:
-    """Random-access source of windows: item w is tokens[w (T+1) : (w+1) (T+1)], int32."""
+    """Random-access source of windows: item w is tokens[w T : w T + T + 1], int32.
 
-    def __init__(self, tokens: np.ndarray, window: int):
+    Consecutive windows share one token (the last target of w is the first input of
+    w + 1), so no (input, target) pair falls between two windows.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens = tokens
-        self.window = window
+        self.seq_len = seq_len
+        self.window = seq_len + 1
         self.path = tokens.filename if isinstance(tokens, np.memmap) else None
 
     def __len__(self) -> int:
-        return len(self.tokens) // self.window
+        return max(len(self.tokens) - 1, 0) // self.seq_len
 
     def __getitem__(self, index: int) -> np.ndarray:
-        start = index * self.window
+        start = index * self.seq_len
         return np.array(self.tokens[start : start + self.window], np.int32)  # [T + 1]
 
     def __getstate__(self) -> dict:
@@ -464,7 +496,7 @@ class Pipeline:
       dataset: `grain.MapDataset` of batch dicts: "inputs" and "targets" int32
         [B_local, T], "hash_ids" {layer_id: int32 [B_local, T, H]} (empty without a
         hasher); B_local = batch_size // process_count.
-      num_windows: W, windows of T + 1 tokens in the split.
+      num_windows: W = (N - 1) // T, windows of T + 1 tokens (stride T) in the split.
     """
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer, hasher: NgramHasher | None = None,
@@ -483,7 +515,7 @@ class Pipeline:
         self.config, self.split, self.hasher = config, split, hasher
         self.process_index, self.process_count = index, count
         self.local_batch_size = config.batch_size // count
-        windows = _Windows(tokenize_split(config, tokenizer, split), config.seq_len + 1)
+        windows = _Windows(tokenize_split(config, tokenizer, split), config.seq_len)
         self.num_windows = len(windows)
         if self.num_windows == 0:
             raise ValueError(f"the {split!r} split has {len(windows.tokens)} tokens, fewer than "

@@ -1,12 +1,20 @@
-"""Causal self-attention: a naive reference, causality, GQA, rotary, sizes, dtypes, errors."""
+"""Causal self-attention: a naive reference, causality, GQA, rotary, sizes, dtypes, errors.
+
+The layer tests run both traced and eager (`chex.variants`). The reference computes
+each head and each query position on its own in float64 from DeepSeek-V3's MLA
+equations (arXiv 2412.19437, eqs. 1-11) and rotates with complex numbers, as
+DeepSeek's `apply_rotary_emb` does, so it shares no code with `attention.py`.
+"""
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from engram_jax.attention import Attention, AttentionConfig, apply_rope
 from engram_jax.config_base import ConfigError
@@ -55,66 +63,104 @@ def make(name):
     return Attention(CONFIGS[name]), jax.tree.map(lambda a: a, params), x
 
 
-def naive_attention(config, params, x):
-    """Explicit float64 attention from the params: masked softmax, heads one by one."""
-    p = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else np.asarray(v["scale"], np.float64))
-         for k, v in params.items()}
-    x = np.asarray(x, np.float64)
-    t = x.shape[1]
+def rope_complex(v, position, theta):
+    """RoPE of one vector v [d] at `position`: pair i as the complex v[2i] + j v[2i+1],
+    multiplied by exp(j position theta^(-2i/d)) (DeepSeek-V3's `precompute_freqs_cis` and
+    `apply_rotary_emb`)."""
+    d = v.shape[-1]
+    z = (v[0::2] + 1j * v[1::2]) * np.exp(1j * position * theta ** (-np.arange(0, d, 2) / d))
+    out = np.empty(d)
+    out[0::2], out[1::2] = z.real, z.imag
+    return out
 
-    def rope(a):  # float32 inside apply_rope; rotation is tested separately below
-        return np.asarray(apply_rope(jnp.asarray(a, jnp.float32), jnp.arange(t), config.rope_theta), np.float64)
+
+def naive_attention(config, params, x):
+    """Float64 attention, one batch row, head and query position at a time.
+
+    With h_t the input at position t, head i and the params named as in the paper:
+      MHA/GQA: q_{t,i} = R(W_Q^i h_t), k_{t,j} = R(W_K^j h_t), v_{t,j} = W_V^j h_t, where
+        query head i reads key/value head j = i // (H / Hkv).
+      MLA (DeepSeek-V3 eqs. 1-11, with the RMSNorms of its code on the two latents):
+        c^KV_t = W^DKV h_t,  k^C_{t,i} = W^UK_i c^KV_t,  v^C_{t,i} = W^UV_i c^KV_t,
+        k^R_t = R(W^KR h_t),  k_{t,i} = [k^C_{t,i}; k^R_t],
+        c^Q_t = W^DQ h_t,  q^C_{t,i} = W^UQ_i c^Q_t,  q^R_{t,i} = R(W^QR_i c^Q_t),
+        q_{t,i} = [q^C_{t,i}; q^R_{t,i}]   (c^Q_t = h_t and W^UQ = W_Q without q_lora).
+    Then o_{t,i} = sum_{s <= t} softmax_s(q_{t,i} . k_{s,i} / sqrt(d_qk)) v_{s,i} and
+    u_t = W^O [o_{t,1}; ...; o_{t,H}].
+    """
+    p = {k: np.asarray(v["scale"] if isinstance(v, dict) else v, np.float64) for k, v in params.items()}
+    x = np.asarray(x, np.float64)
+    heads, theta = config.num_heads, config.rope_theta
 
     def rms_norm(a, scale):
-        return a / np.sqrt(np.mean(a**2, axis=-1, keepdims=True) + config.norm_eps) * scale
+        return a / np.sqrt(np.mean(a**2) + config.norm_eps) * scale
 
-    if config.kind == "mha":
-        q = rope(np.einsum("btd,dhk->bthk", x, p["query"]))
-        k = rope(np.einsum("btd,dhk->bthk", x, p["key"]))
-        v = np.einsum("btd,dhk->bthk", x, p["value"])
-        group = config.num_heads // config.kv_heads
-        k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # head h reads kv head h // group
-    else:
+    def head_qkv(h_t, t, i):
+        """(q_{t,i}, k_{t,i}, v_{t,i}) of input vector h_t at position t, head i."""
+        if config.kind == "mha":
+            j = i // (heads // config.kv_heads)
+            return (rope_complex(h_t @ p["query"][:, i], t, theta), rope_complex(h_t @ p["key"][:, j], t, theta),
+                    h_t @ p["value"][:, j])
         n, r_kv = config.qk_nope_dim, config.kv_lora_rank
+        c_kv = rms_norm(h_t @ p["kv_down"][:, :r_kv], p["kv_norm"])  # W^DKV, [r_kv]
+        k_rope = rope_complex(h_t @ p["kv_down"][:, r_kv:], t, theta)  # W^KR, [d_r]: shared by heads
+        k = np.concatenate([c_kv @ p["kv_up"][:, i, :n], k_rope])  # W^UK_i
+        v = c_kv @ p["kv_up"][:, i, n:]  # W^UV_i
         if config.q_lora_rank:
-            q = np.einsum("btr,rhk->bthk", rms_norm(x @ p["q_down"], p["q_norm"]), p["q_up"])
+            c_q, w_q = rms_norm(h_t @ p["q_down"], p["q_norm"]), p["q_up"][:, i]  # W^DQ; [W^UQ_i, W^QR_i]
         else:
-            q = np.einsum("btd,dhk->bthk", x, p["query"])
-        down = x @ p["kv_down"]
-        kv = np.einsum("btr,rhk->bthk", rms_norm(down[..., :r_kv], p["kv_norm"]), p["kv_up"])
-        k_rope = rope(down[:, :, None, r_kv:])
-        q = np.concatenate([q[..., :n], rope(q[..., n:])], axis=-1)
-        k = np.concatenate([kv[..., :n], np.repeat(k_rope, config.num_heads, axis=2)], axis=-1)
-        v = kv[..., n:]
-    out = np.zeros((*x.shape[:2], config.num_heads, v.shape[-1]))
-    causal = np.tril(np.ones((t, t), bool))
-    for h in range(config.num_heads):
-        scores = q[:, :, h] @ k[:, :, h].transpose(0, 2, 1) / np.sqrt(q.shape[-1])  # [B, T, T]
-        scores = np.where(causal, scores, -np.inf)
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        out[:, :, h] = (weights / weights.sum(-1, keepdims=True)) @ v[:, :, h]
-    return np.einsum("bthk,hkd->btd", out, p["out"])
+            c_q, w_q = h_t, p["query"][:, i]
+        q = np.concatenate([c_q @ w_q[:, :n], rope_complex(c_q @ w_q[:, n:], t, theta)])
+        return q, k, v
+
+    batch, seq, dim = x.shape
+    out = np.zeros((batch, seq, dim))
+    for b in range(batch):
+        for i in range(heads):
+            q, k, v = (np.stack(a) for a in zip(*(head_qkv(x[b, t], t, i) for t in range(seq))))
+            for t in range(seq):
+                scores = k[: t + 1] @ q[t] / np.sqrt(q.shape[-1])  # positions 0..t
+                weights = np.exp(scores - scores.max())
+                o = (weights / weights.sum()) @ v[: t + 1]  # [d_v]
+                out[b, t] += o @ p["out"][i]  # head i's rows of W^O
+    return out
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_naive_reference(name):
-    layer, params, x = make(name)
-    out = forward(name)({"params": params}, x)
-    assert out.shape == x.shape and out.dtype == jnp.float32
-    # Float32 rounding (eps 1.2e-7) of |out| <= 3 over a few dozen sums; measured <= 5e-7.
-    np.testing.assert_allclose(np.asarray(out), naive_attention(layer.config, params, x), rtol=0, atol=5e-6)
+class AttentionLayerTest(chex.TestCase):
+    """Layer tests, each run under jit and eagerly."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((name, name) for name in CONFIGS))
+    def test_matches_naive_reference(self, name):
+        layer, params, x = make(name)
+        out = self.variant(layer.apply)({"params": params}, x)
+        chex.assert_shape(out, x.shape)
+        chex.assert_type(out, jnp.float32)
+        # Float32 rounding (eps 1.2e-7) of |out| <= 3 over a few dozen sums; measured <= 5e-7.
+        chex.assert_trees_all_close(out, naive_attention(layer.config, params, x), rtol=0, atol=5e-6)
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "mla", "mla_q_lora"])
-def test_outputs_never_depend_on_later_positions(name):
-    _, params, x = make(name)
-    apply = forward(name)
-    rng = np.random.default_rng(1)
-    for t in (1, 4, SEQ - 1):
-        changed = x.at[:, t:].set(rng.normal(size=x[:, t:].shape))
-        a, b = apply({"params": params}, x), apply({"params": params}, changed)
-        np.testing.assert_array_equal(a[:, :t], b[:, :t])
-        assert np.abs(a[:, t] - b[:, t]).max() > 1e-3
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*((name, name) for name in ["mha", "gqa", "mla", "mla_q_lora"]))
+    def test_outputs_never_depend_on_later_positions(self, name):
+        layer, params, x = make(name)
+        apply = self.variant(layer.apply)
+        rng = np.random.default_rng(1)
+        for t in (1, 4, SEQ - 1):
+            changed = x.at[:, t:].set(rng.normal(size=x[:, t:].shape))
+            a, b = apply({"params": params}, x), apply({"params": params}, changed)
+            chex.assert_trees_all_equal(a[:, :t], b[:, :t])
+            assert np.abs(a[:, t] - b[:, t]).max() > 1e-3
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("gqa", "gqa"), ("mla_q_lora", "mla_q_lora"))
+    def test_grad_is_finite_and_reaches_every_parameter(self, name):
+        layer, params, x = make(name)
+        cotangent = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+        grads = self.variant(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) * cotangent)))(params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(grads, params)
+        chex.assert_tree_all_finite(grads)
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            assert np.abs(g).max() > 0, path
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -124,16 +170,29 @@ def test_gqa_equals_mha_with_repeated_key_value_weights(kv_heads):
     group = 4 // kv_heads
     mha_params = {**params, "key": jnp.repeat(params["key"], group, axis=1),
                   "value": jnp.repeat(params["value"], group, axis=1)}
-    np.testing.assert_allclose(forward(name)({"params": params}, x), forward("mha")({"params": mha_params}, x),
-                               rtol=0, atol=1e-6)
+    chex.assert_trees_all_close(forward(name)({"params": params}, x), forward("mha")({"params": mha_params}, x),
+                                rtol=0, atol=1e-6)
 
 
 def test_gqa_with_all_heads_is_mha():
     config = AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=8)
     assert config.kv_heads == CONFIGS["mha"].kv_heads == 4
     _, params, x = make("mha")
-    np.testing.assert_array_equal(jax.jit(Attention(config).apply)({"params": params}, x),
-                                  forward("mha")({"params": params}, x))
+    chex.assert_trees_all_equal(jax.jit(Attention(config).apply)({"params": params}, x),
+                                forward("mha")({"params": params}, x))
+
+
+def test_rope_equals_the_complex_rotation():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 9, 3, 16))  # [B, T, H, d]
+    positions = np.stack([np.arange(9), rng.integers(0, 100, 9)])  # [B, T]: in order, and any
+    out = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), 500.0)
+    chex.assert_shape(out, x.shape)
+    chex.assert_type(out, jnp.float32)
+    expected = np.array([[[rope_complex(x[b, t, h], positions[b, t], 500.0) for h in range(3)]
+                          for t in range(9)] for b in range(2)])
+    # Float32 angles p * theta^(-2i/d) with p < 100 are off by <= 100 * 6e-8 rad; |x| < 5.
+    chex.assert_trees_all_close(out, expected, rtol=0, atol=5e-5)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -153,8 +212,8 @@ def test_rope_rotates_pair_i_by_position_times_theta_power():
     out = apply_rope(x, jnp.array([3]), 100.0)[0, 0]
     # Pair 0 turns by 3 * 100^0 = 3 rad, pair 1 by 3 * 100^(-2/4) = 0.3 rad.
     expected = [np.cos(3.0), np.sin(3.0), 2 * np.cos(0.3), 2 * np.sin(0.3)]
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(apply_rope(x, jnp.array([0]), 100.0), x)
+    chex.assert_trees_all_close(out, np.array(expected), rtol=0, atol=1e-6)
+    chex.assert_trees_all_equal(apply_rope(x, jnp.array([0]), 100.0), x)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -177,20 +236,10 @@ def test_bfloat16_compute_tracks_float32(name):
     _, params, x = make(name)
     out16 = forward(name, jnp.bfloat16)({"params": params}, x)
     out32 = forward(name)({"params": params}, x)
-    assert out16.dtype == jnp.bfloat16
+    chex.assert_type(out16, jnp.bfloat16)
     # bfloat16 keeps 8 significant bits (eps 2^-8 = 0.4%) and rounds about ten times in
     # series; measured up to 0.85% of max |out|.
-    np.testing.assert_allclose(np.asarray(out16, np.float32), out32, rtol=0, atol=0.03 * np.abs(out32).max())
-
-
-@pytest.mark.parametrize("name", ["gqa", "mla_q_lora"])
-def test_jit_grad_is_finite_and_reaches_every_parameter(name):
-    layer, params, x = make(name)
-    cotangent = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) * cotangent)))(params)
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(g)), path
-        assert np.abs(g).max() > 0, path
+    chex.assert_trees_all_close(out16.astype(jnp.float32), out32, rtol=0, atol=0.03 * float(jnp.abs(out32).max()))
 
 
 def test_parameters_carry_logical_axes():

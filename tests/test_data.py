@@ -7,6 +7,7 @@ import re
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from engram_jax import data
 from engram_jax.compression import compress_tokenizer
@@ -195,12 +196,27 @@ def test_validation_is_ordered_finite_and_whole(make_config, tok, hasher):
     assert pipe.num_batches == pipe.num_windows // 4 > 1
     batches = list(pipe.iterator())
     assert len(batches) == pipe.num_batches
-    first = np.asarray(tokens[: 4 * 17]).reshape(4, 17)  # windows 0..3, unshuffled
+    assert pipe.num_windows == (len(tokens) - 1) // 16
+    first = np.stack([tokens[16 * w : 16 * w + 17] for w in range(4)])  # windows 0..3, in order
     np.testing.assert_array_equal(batches[0]["inputs"], first[:, :-1])
     np.testing.assert_array_equal(batches[0]["targets"], first[:, 1:])
     _assert_batches_equal(list(pipe.iterator(num_batches=2)), batches[:2])
     # The seed shuffles training only.
     _assert_batches_equal(list(_pipe(make_config(seed=9), tok, hasher, "validation")), batches)
+
+
+def test_windows_lose_no_input_target_pair(make_config, tok):
+    """Windows of T + 1 tokens at stride T: each pair (s[i], s[i + 1]) is trained once."""
+    config = make_config(batch_size=1)
+    tokens = np.asarray(data.tokenize_split(config, tok, "train"))
+    pipe = _pipe(config, tok)
+    n = pipe.num_windows
+    assert n == (len(tokens) - 1) // 16
+    pairs = sorted((int(x), int(y), int(i)) for b in _take(pipe, n)
+                   for i, (x, y) in enumerate(zip(b["inputs"][0], b["targets"][0])))
+    # Window w holds the pairs at stream positions 16 w .. 16 w + 15: all of 0 .. 16 n - 1.
+    expected = sorted((int(tokens[p]), int(tokens[p + 1]), p % 16) for p in range(16 * n))
+    assert pairs == expected
 
 
 def test_split_is_by_file_and_deterministic(make_config):
@@ -250,6 +266,43 @@ def test_end_of_document_text_in_a_document_is_not_the_special_id(tmp_path, tok)
     config = data.DataConfig(source=str(source), val_fraction=0.0, cache_dir=str(tmp_path))
     tokens = data.tokenize_split(config, tok, "train")
     assert tokens[-1] == 0 and (tokens[:-1] != 0).all()
+
+
+def _word_tokenizer(specials: list[str]) -> Tokenizer:
+    """A word-level tokenizer of "a b c" with `specials` added after them."""
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def test_deepseek_end_of_document_is_a_candidate(tmp_path):
+    # DeepSeek-V3's tokenizer.json: ids 1 and 2, bars U+FF5C, spaces U+2581.
+    tok = _word_tokenizer(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"])
+    eod = tok.token_to_id("<｜end▁of▁sentence｜>")
+    assert data.eod_id(tok) == eod == 5
+    assert data.pad_id(tok) == tok.token_to_id("<｜▁pad▁｜>") == 6
+    source = tmp_path / "doc.txt"
+    source.write_text("a b c")
+    config = data.DataConfig(source=str(source), val_fraction=0.0, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(data.tokenize_split(config, tok, "train"), [1, 2, 3, eod])
+
+
+def test_end_of_document_token_is_configurable(tmp_path, tok):
+    source = tmp_path / "doc.txt"
+    source.write_text("a b c")
+    config = data.DataConfig(source=str(source), val_fraction=0.0, cache_dir=str(tmp_path))
+    unknown = _word_tokenizer(["<doc>"])
+    with pytest.raises(ValueError, match="no end-of-document token") as err:
+        data.tokenize_split(config, unknown, "train")
+    assert "data.eod_token" in str(err.value) and "\n" not in str(err.value)
+    stream = data.tokenize_split(config.replace(eod_token="<doc>"), unknown, "train")
+    np.testing.assert_array_equal(stream, [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="data.eod_token '<nope>' is not a token"):
+        data.tokenize_split(config.replace(eod_token="<nope>"), unknown, "train")
+    # The setting wins over the candidates, and a cached stream with another EOD is not reused.
+    assert data.tokenize_split(config, tok, "train")[-1] == 0
+    assert data.tokenize_split(config.replace(eod_token=data.PAD_TOKEN), tok, "train")[-1] == 1
 
 
 def test_bytes_per_token(make_config, tok):

@@ -1,5 +1,6 @@
 """The SwiGLU MLP: equation, parameters and their axes, dtypes, input checks."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,16 +28,19 @@ def test_output_is_swiglu():
     xs = np.asarray(x, np.float64)
     expected = (silu(xs @ p["w_gate"]) * (xs @ p["w_up"])) @ p["w_down"]
     out = layer.apply(variables, x)
+    chex.assert_shape(out, x.shape)
+    chex.assert_type(out, jnp.float32)
     # Float32 rounding over sums of 16 and 24 terms of size ~1.
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-5)
+    chex.assert_trees_all_close(out, expected, rtol=0, atol=1e-5)
 
 
 def test_params_have_no_biases_and_logical_axes():
     _, variables, _ = make(hidden_dim=24, dim=16)
     specs = nn.get_partition_spec(variables)["params"]
     assert specs == {"w_gate": P("embed", "mlp"), "w_up": P("embed", "mlp"), "w_down": P("mlp", "embed")}
-    shapes = jax.tree.map(jnp.shape, nn.unbox(variables)["params"])
-    assert shapes == {"w_gate": (16, 24), "w_up": (16, 24), "w_down": (24, 16)}
+    params = nn.unbox(variables)["params"]
+    assert set(params) == {"w_gate", "w_up", "w_down"}  # no biases
+    chex.assert_shape([params["w_gate"], params["w_up"], params["w_down"]], [(16, 24), (16, 24), (24, 16)])
 
 
 def test_mlp_params_counts_init():
@@ -49,10 +53,10 @@ def test_bfloat16_runs_and_tracks_float32():
     layer, variables, x = make()
     ref = layer.apply(variables, x)
     out = MLP(24, dtype=jnp.bfloat16).apply(variables, x)
-    assert out.dtype == jnp.bfloat16
+    chex.assert_type(out, jnp.bfloat16)
     # bfloat16 keeps 8 significant bits (relative error 2^-8 = 0.004 per rounding);
     # |output| here is at most ~3 (observed max error 0.01).
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0, atol=0.1)
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref, rtol=0, atol=0.1)
 
 
 def test_bad_input_raises():

@@ -1,12 +1,18 @@
-"""DeepSeekMoE: routing, the balancing bias, shared experts, grouped == dense, sizes."""
+"""DeepSeekMoE: routing, the balancing bias, shared experts, grouped == dense, sizes.
 
+The layer tests run both traced and eager (`chex.variants`).
+"""
+
+import itertools
 from functools import partial
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
 from engram_jax.config_base import ConfigError
@@ -32,11 +38,13 @@ def make(batch=2, seq=6, dim=DIM, seed=0, dtype=jnp.float32, **overrides):
     return layer, {"params": params, "moe_bias": {"bias": jnp.zeros(config.num_experts)}}, x
 
 
-@partial(jax.jit, static_argnums=0)
-def forward(layer, variables, x):
-    """(output [B, T, D], expert_load [E]); jitted once per layer and shapes."""
+def apply_with_load(layer, variables, x):
+    """(output [B, T, D], expert_load [E])."""
     out, state = layer.apply(variables, x, mutable=["intermediates"])
     return out, state["intermediates"]["expert_load"][0]
+
+
+forward = jax.jit(apply_with_load, static_argnums=0)  # compiled once per layer and shapes
 
 
 def np_sigmoid(z):
@@ -54,78 +62,112 @@ def hand_scores(variables, x):
     return np_sigmoid(tokens @ np.asarray(variables["params"]["router"]))
 
 
-def test_routing_weights_are_normalised_chosen_scores():
-    _, variables, x = make(num_experts=6, top_k=3)
-    scores = hand_scores(variables, x)  # [N, E]
-    weights, experts = route(jnp.asarray(scores, jnp.float32), jnp.zeros(6), top_k=3, route_scale=2.5)
-    weights, experts = np.asarray(weights), np.asarray(experts)
-    assert weights.shape == experts.shape == (scores.shape[0], 3)
-    assert (weights >= 0).all()
-    np.testing.assert_allclose(weights.sum(-1), 2.5, rtol=1e-6)
-    # Exactly top_k distinct experts, the best three by score (no ties in random data).
-    top3 = np.argsort(-scores, axis=-1)[:, :3]
-    np.testing.assert_array_equal(experts, top3)
-    chosen = np.take_along_axis(scores, top3, -1)
-    np.testing.assert_allclose(weights, 2.5 * chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+GROUPED_CASES = [(f"{impl}_{e}_experts_top_{k}", impl, e, k)
+                 for impl, (e, k) in itertools.product(["ragged", "blocked"], [(4, 1), (8, 2), (6, 3), (5, 5)])]
 
 
-def test_output_matches_numpy_reference():
-    layer, variables, x = make(route_scale=2.5)
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    xs = np.asarray(x, np.float64).reshape(-1, DIM)
-    scores = hand_scores(variables, x)
-    expected = np_swiglu(xs, p["shared"]["w_gate"], p["shared"]["w_up"], p["shared"]["w_down"])
-    for n, s in enumerate(scores):
-        chosen = np.argsort(-s)[:2]
-        for e in chosen:
-            expert = np_swiglu(xs[n], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
-            expected[n] += 2.5 * s[e] / s[chosen].sum() * expert
-    out, _ = forward(layer, variables, x)
-    # Float32 rounding over sums of 8 and 16 terms, |output| up to ~3.
-    np.testing.assert_allclose(np.asarray(out).reshape(-1, DIM), expected, rtol=0, atol=1e-5)
+class MoELayerTest(chex.TestCase):
+    """Routing and layer tests, each run under jit and eagerly."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_routing_weights_are_normalised_chosen_scores(self):
+        _, variables, x = make(num_experts=6, top_k=3)
+        scores = hand_scores(variables, x)  # [N, E]
+        weights, experts = self.variant(partial(route, top_k=3, route_scale=2.5))(
+            jnp.asarray(scores, jnp.float32), jnp.zeros(6))
+        chex.assert_shape([weights, experts], (scores.shape[0], 3))
+        weights, experts = np.asarray(weights), np.asarray(experts)
+        assert (weights >= 0).all()
+        chex.assert_trees_all_close(weights.sum(-1), np.full(scores.shape[0], 2.5), rtol=1e-6, atol=0)
+        # Exactly top_k distinct experts, the best three by score (no ties in random data).
+        top3 = np.argsort(-scores, axis=-1)[:, :3]
+        chex.assert_trees_all_equal(experts, top3.astype(experts.dtype))
+        chosen = np.take_along_axis(scores, top3, -1)
+        chex.assert_trees_all_close(weights, 2.5 * chosen / chosen.sum(-1, keepdims=True), rtol=1e-6, atol=0)
 
-def test_bias_decides_choice_but_not_weights():
-    scores = jax.random.uniform(jax.random.key(0), (64, 6))
-    bias = jnp.zeros(6).at[3].set(10.0)  # sigmoid scores are < 1: expert 3 always wins
-    weights, experts = route(scores, bias, top_k=2, route_scale=1.0)
-    np.testing.assert_array_equal(np.asarray(experts[:, 0]), 3)
-    chosen = jnp.take_along_axis(scores, experts, -1)
-    expected = chosen / chosen.sum(-1, keepdims=True)  # the raw scores: no bias
-    np.testing.assert_allclose(np.asarray(weights), np.asarray(expected), rtol=1e-6)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_output_matches_numpy_reference(self):
+        layer, variables, x = make(route_scale=2.5)
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+        xs = np.asarray(x, np.float64).reshape(-1, DIM)
+        scores = hand_scores(variables, x)
+        expected = np_swiglu(xs, p["shared"]["w_gate"], p["shared"]["w_up"], p["shared"]["w_down"])
+        for n, s in enumerate(scores):
+            chosen = np.argsort(-s)[:2]
+            for e in chosen:
+                expert = np_swiglu(xs[n], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+                expected[n] += 2.5 * s[e] / s[chosen].sum() * expert
+        out, load = self.variant(partial(apply_with_load, layer))(variables, x)
+        chex.assert_shape(out, x.shape)
+        chex.assert_type([out, load], jnp.float32)
+        # Float32 rounding over sums of 8 and 16 terms, |output| up to ~3.
+        chex.assert_trees_all_close(out.reshape(-1, DIM), expected, rtol=0, atol=1e-5)
 
-    # The same through the layer's "moe_bias" collection: expert 3 takes one slot of every token.
-    layer, variables, x = make()
-    _, load = forward(layer, {**variables, "moe_bias": {"bias": bias}}, x)
-    assert float(load[3]) == 0.5
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bias_decides_choice_but_not_weights(self):
+        scores = jax.random.uniform(jax.random.key(0), (64, 6))
+        bias = jnp.zeros(6).at[3].set(10.0)  # sigmoid scores are < 1: expert 3 always wins
+        weights, experts = self.variant(partial(route, top_k=2, route_scale=1.0))(scores, bias)
+        chex.assert_trees_all_equal(experts[:, 0], jnp.full(64, 3, experts.dtype))
+        chosen = jnp.take_along_axis(scores, experts, -1)
+        expected = chosen / chosen.sum(-1, keepdims=True)  # the raw scores: no bias
+        chex.assert_trees_all_close(weights, expected, rtol=1e-6, atol=0)
 
+        # The same through the layer's "moe_bias" collection: expert 3 takes one slot of every token.
+        layer, variables, x = make()
+        _, load = self.variant(partial(apply_with_load, layer))({**variables, "moe_bias": {"bias": bias}}, x)
+        assert float(load[3]) == 0.5
 
-def test_shared_experts_always_on():
-    layer, variables, x = make(num_shared=2)
-    params = dict(variables["params"])
-    for name in ("w_gate", "w_up", "w_down"):
-        params[name] = jnp.zeros_like(params[name])
-    out, _ = forward(layer, {**variables, "params": params}, x)
-    shared = MLP(2 * 8).apply({"params": params["shared"]}, x)
-    assert float(jnp.abs(shared).max()) > 0.1
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(shared))
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_shared_experts_always_on(self):
+        layer, variables, x = make(num_shared=2)
+        params = dict(variables["params"])
+        for name in ("w_gate", "w_up", "w_down"):
+            params[name] = jnp.zeros_like(params[name])
+        out, _ = self.variant(partial(apply_with_load, layer))({**variables, "params": params}, x)
+        shared = MLP(2 * 8).apply({"params": params["shared"]}, x)
+        assert float(jnp.abs(shared).max()) > 0.1
+        chex.assert_trees_all_equal(out, shared)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*GROUPED_CASES)
+    def test_grouped_equals_dense(self, implementation, num_experts, top_k):
+        layer, variables, x = make(num_experts=num_experts, top_k=top_k, num_shared=0, seq=10,
+                                   implementation=implementation)
+        # Expert E-1 gets no tokens: an empty group in ragged_dot (unless top_k == E).
+        variables["moe_bias"]["bias"] = variables["moe_bias"]["bias"].at[-1].set(-10.0)
+        grouped, load = self.variant(partial(apply_with_load, layer))(variables, x)
+        dense, _ = forward(MoE(layer.config.replace(implementation="dense")), variables, x)
+        if top_k < num_experts:
+            assert float(load[-1]) == 0.0
+        assert float(jnp.abs(dense).max()) > 0.1
+        # Same float32 products, summed in a different order: a few ulps of values up to ~4
+        # (observed max difference 3.6e-7).
+        chex.assert_trees_all_close(grouped, dense, rtol=0, atol=2e-6)
 
-@pytest.mark.parametrize("implementation", ["ragged", "blocked"])
-@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (6, 3), (5, 5)])
-def test_grouped_equals_dense(num_experts, top_k, implementation):
-    layer, variables, x = make(num_experts=num_experts, top_k=top_k, num_shared=0, seq=10,
-                               implementation=implementation)
-    # Expert E-1 gets no tokens: an empty group in ragged_dot (unless top_k == E).
-    variables["moe_bias"]["bias"] = variables["moe_bias"]["bias"].at[-1].set(-10.0)
-    ragged, load = forward(layer, variables, x)
-    dense, _ = forward(MoE(layer.config.replace(implementation="dense")), variables, x)
-    if top_k < num_experts:
-        assert float(load[-1]) == 0.0
-    assert float(jnp.abs(dense).max()) > 0.1
-    # Same float32 products, summed in a different order: a few ulps of values up to ~4
-    # (observed max difference 3.6e-7).
-    np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), rtol=0, atol=2e-6)
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_expert_load_sums_to_one(self):
+        layer, variables, x = make(num_experts=6, top_k=2)
+        _, load = self.variant(partial(apply_with_load, layer))(variables, x)
+        chex.assert_shape(load, (6,))
+        chex.assert_type(load, jnp.float32)
+        chex.assert_trees_all_close(load.sum(), 1.0, rtol=1e-6, atol=0)
+        # Each of the 2 * 6 tokens sends 2 slots: loads are multiples of 1/24.
+        chex.assert_trees_all_close(load * 24, jnp.round(load * 24), rtol=1e-7, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grad_reaches_router_not_bias(self):
+        layer, variables, x = make()
+
+        def grads(params, bias):
+            loss = lambda p, b: jnp.sum(layer.apply({"params": p, "moe_bias": {"bias": b}}, x) ** 2)  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1))(params, bias)
+
+        g_params, g_bias = self.variant(grads)(variables["params"], variables["moe_bias"]["bias"])
+        chex.assert_trees_all_equal_shapes_and_dtypes(g_params, variables["params"])
+        chex.assert_tree_all_finite(g_params)
+        assert float(jnp.abs(g_params["router"]).max()) > 1e-3
+        chex.assert_trees_all_equal(g_bias, jnp.zeros_like(g_bias))
 
 
 def test_bias_updates_balance_skewed_load():
@@ -161,16 +203,7 @@ def test_bias_updates_balance_skewed_load():
 def test_update_bias_raises_underloaded():
     load = jnp.asarray([0.5, 0.25, 0.25, 0.0])
     new = update_bias(jnp.ones(4), load, 0.1)
-    np.testing.assert_allclose(np.asarray(new), [0.9, 1.0, 1.0, 1.1], rtol=1e-6)
-
-
-def test_expert_load_sums_to_one():
-    layer, variables, x = make(num_experts=6, top_k=2)
-    _, load = forward(layer, variables, x)
-    assert load.shape == (6,) and load.dtype == jnp.float32
-    np.testing.assert_allclose(float(load.sum()), 1.0, rtol=1e-6)
-    # Each of the 2 * 6 tokens sends 2 slots: loads are multiples of 1/24.
-    np.testing.assert_allclose(np.asarray(load) * 24, np.round(np.asarray(load) * 24), atol=1e-5)
+    chex.assert_trees_all_close(new, jnp.asarray([0.9, 1.0, 1.0, 1.1]), rtol=1e-6, atol=0)
 
 
 def test_num_params_matches_init():
@@ -196,29 +229,15 @@ def test_params_carry_logical_axes():
     assert specs["shared"]["w_gate"] == P("embed", "mlp")
 
 
-def test_jit_grad_reaches_router_not_bias():
-    layer, variables, x = make()
-
-    @jax.jit
-    def grads(params, bias):
-        loss = lambda p, b: jnp.sum(layer.apply({"params": p, "moe_bias": {"bias": b}}, x) ** 2)
-        return jax.grad(loss, argnums=(0, 1))(params, bias)
-
-    g_params, g_bias = grads(variables["params"], variables["moe_bias"]["bias"])
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(g_params))
-    assert float(jnp.abs(g_params["router"]).max()) > 1e-3
-    np.testing.assert_array_equal(np.asarray(g_bias), 0.0)
-
-
 def test_bfloat16_runs_and_tracks_float32():
     layer, variables, x = make()
     ref, _ = forward(layer, variables, x)
     out, _ = forward(MoE(layer.config, dtype=jnp.bfloat16), variables, x)
-    assert out.dtype == jnp.bfloat16
+    chex.assert_type(out, jnp.bfloat16)
     # The router stays float32, so the same experts are chosen; bfloat16 keeps 8
     # significant bits (2^-8 = 0.004 relative per rounding), |output| here up to ~3
     # (observed max error 0.02).
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0, atol=0.1)
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref, rtol=0, atol=0.1)
 
 
 @pytest.mark.parametrize("field,value", [
