@@ -3,7 +3,9 @@
 For each size, three variants side by side in one run: the preset (with Engram), the
 same model with Engram removed, and the iso-parameter baseline (Engram's parameters
 spent on routed experts). Each step is a jitted value_and_grad of the next-token loss;
-compilation is left out.
+compilation is left out. Shapes (batch x seq): `tiny` 16 x 128, its training shape;
+`small` 4 x 512, an eighth of its training batch (32 x 512), so that a CPU step takes
+seconds rather than a minute.
 
     python benchmarks/bench_model.py [--repeats 5] [--sizes tiny,small]
 
@@ -22,8 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import configs, model, training
+from engram_jax.table import Tables
+from engram_jax.table_optim import RowOptimizer
 
-SHAPES = {"tiny": (16, 128), "small": (4, 512)}  # (batch, seq), as their training runs
+# (batch, seq): tiny's training shape; small's training seq with batch 4 of its 32 (CPU time).
+SHAPES = {"tiny": (16, 128), "small": (4, 512)}
 
 
 def measure(config, batch: int, seq: int, repeats: int) -> dict:
@@ -38,12 +43,24 @@ def measure(config, batch: int, seq: int, repeats: int) -> dict:
     params = jax.tree.map(lambda x: getattr(x, "value", x), variables["params"],
                           is_leaf=lambda x: hasattr(x, "value"))
     moe_bias = variables.get("moe_bias", {})
-    step = jax.jit(jax.value_and_grad(lambda p: training.forward(config, p, moe_bias, data)[0]))
-    jax.block_until_ready(step(params))
+    tables = rows = None
+    if config.engram is not None:  # one device; the lookup and its gradient are in the step
+        tables = Tables(config.engram, jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), RowOptimizer())
+        rows = jax.jit(tables.init)(jax.random.key(1)).rows
+
+    def loss(p, memory):
+        return training.forward(config, p, moe_bias, data, memory)[0]
+
+    @jax.jit
+    def step(p, rows):  # gradients of the params and of the rows read, as in the train step
+        memory, _ = training.lookup(tables, rows, data)
+        return jax.value_and_grad(loss, argnums=(0, 1))(p, memory)
+
+    jax.block_until_ready(step(params, rows))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(params))
+        jax.block_until_ready(step(params, rows))
         samples.append(time.perf_counter() - start)
     seconds = float(np.median(samples))
     return {"params": model.count_params(config).total, "ms_per_step": round(seconds * 1e3, 1),

@@ -4,7 +4,8 @@ The public API:
 - `EngramConfig` and the presets in `engram_jax.configs`;
 - `NgramHasher` (host-side multi-head N-gram hashing, bit-exact with the reference);
 - `compress_tokenizer` / `Compression` (tokenizer compression);
-- `Engram` (the Flax layer) and `MultiHeadEmbedding` (its table).
+- `Engram` (the Flax layer), and `Tables` / `TableState`: the Engram tables as sharded
+  state (device or host memory) with sparse row optimizers (`RowOptimizer`).
 """
 
 from engram_jax import configs
@@ -12,15 +13,18 @@ from engram_jax.compression import Compression, compress_tokenizer
 from engram_jax.config_base import ConfigError
 from engram_jax.engram import Engram, EngramConfig
 from engram_jax.hashing import NgramHasher
-from engram_jax.table import MultiHeadEmbedding
+from engram_jax.table import Tables, TableState
+from engram_jax.table_optim import RowOptimizer
 
 __all__ = [
     "Compression",
     "ConfigError",
     "Engram",
     "EngramConfig",
-    "MultiHeadEmbedding",
     "NgramHasher",
+    "RowOptimizer",
+    "TableState",
+    "Tables",
     "compress_tokenizer",
     "configs",
 ]

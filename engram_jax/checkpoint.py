@@ -1,13 +1,18 @@
 """Orbax checkpoints over named sub-states.
 
 Each step folder holds the items
-- `model`: `{"params": ..., "moe_bias": ...}`, all that inference needs;
-- `opt`: the optimizer state;
+- `model`: `{"params", "moe_bias", "tables"}`, all that inference needs: the Engram
+  tables' rows are saved sharded, as they live;
+- `opt`: `{"dense": the backbone optimizer's state, "table_slots": the tables' per-row
+  optimizer slots}`;
 - `data`: the Grain iterator's state, so a resumed run sees the batches it would have;
 - `config`: the run config as JSON.
-Evaluation restores `model` alone. Nothing is pickled. Problems (no checkpoint, a
-corrupt one, one written by another model config) raise `CheckpointError` with the
-path and the reason.
+Evaluation restores `model` alone. Tables restore onto another device count or
+placement: their padded row count depends on the number of shards, and the padding
+rows (never addressed, always zero) are added or cut on restore. Nothing is pickled.
+Problems (no checkpoint, a corrupt one, one written by another model config or by an
+engram-jax whose tables were plain parameters) raise `CheckpointError` with the path
+and the reason.
 """
 
 from __future__ import annotations
@@ -67,8 +72,9 @@ class Checkpoints:
 
     def save(self, step: int, state, config: dict, data_iterator=None, *, force: bool = False) -> bool:
         """Saves (asynchronously) when `step` is due or `force`; returns whether it did."""
-        items = {MODEL: ocp.args.StandardSave({"params": state.params, "moe_bias": state.moe_bias}),
-                 OPT: ocp.args.StandardSave(state.opt_state), CONFIG: ocp.args.JsonSave(config)}
+        items = {MODEL: ocp.args.StandardSave(_model_item(state)),
+                 OPT: ocp.args.StandardSave({"dense": state.opt_state, "table_slots": state.tables.slots}),
+                 CONFIG: ocp.args.JsonSave(config)}
         if data_iterator is not None:
             items[DATA] = data.checkpoint_args(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -92,21 +98,24 @@ class Checkpoints:
     def restore(self, abstract_state, step: int | None = None, data_iterator=None):
         """Restores the full train state (and the data iterator in place)."""
         step = self._step(step)
-        items = {MODEL: ocp.args.StandardRestore({"params": abstract_state.params,
-                                                  "moe_bias": abstract_state.moe_bias}),
-                 OPT: ocp.args.StandardRestore(abstract_state.opt_state)}
+        # strict=False: tables take the padded row count of the current shards.
+        items = {MODEL: ocp.args.StandardRestore(_model_item(abstract_state), strict=False),
+                 OPT: ocp.args.StandardRestore({"dense": abstract_state.opt_state,
+                                                "table_slots": abstract_state.tables.slots}, strict=False)}
         if data_iterator is not None:
             items[DATA] = data.restore_args(data_iterator)
         restored = self._restore(step, items)
-        model = restored[MODEL]
+        model, opt = restored[MODEL], restored[OPT]
         step_sharding = getattr(abstract_state.step, "sharding", None)  # as every other restored leaf
+        tables = abstract_state.tables.replace(rows=model["tables"], slots=opt["table_slots"])
         return abstract_state.replace(step=jax.device_put(np.int32(step), step_sharding), params=model["params"],
-                                      moe_bias=model["moe_bias"], opt_state=restored[OPT])
+                                      moe_bias=model["moe_bias"], opt_state=opt["dense"], tables=tables)
 
     def restore_model(self, abstract_variables: dict, step: int | None = None) -> dict:
-        """Restores only `{"params", "moe_bias"}`: no optimizer state is read."""
+        """Restores only `{"params", "moe_bias", "tables"}` (table rows, without their
+        optimizer slots): no optimizer state is read."""
         step = self._step(step)
-        return self._restore(step, {MODEL: ocp.args.StandardRestore(abstract_variables)})[MODEL]
+        return self._restore(step, {MODEL: ocp.args.StandardRestore(abstract_variables, strict=False)})[MODEL]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -128,4 +137,22 @@ class Checkpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # corrupt files, shape or structure mismatch, missing items
+            if self._tables_were_params(step):
+                raise CheckpointError(
+                    f"{self.directory}/{step} was written by an engram-jax whose Engram tables were model "
+                    "parameters (params/.../engram/table/embedding); this version keeps them as table state "
+                    "and cannot read it: evaluate it with engram-jax 0.1.0 or train again") from None
             raise CheckpointError(f"cannot restore {self.directory}/{step}: {type(err).__name__}: {err}") from err
+
+    def _tables_were_params(self, step: int) -> bool:
+        """Whether `step` holds the old layout, a table inside the parameters."""
+        metadata = self.directory / str(step) / MODEL / "_METADATA"
+        try:
+            return '"table"' in metadata.read_text() and '"tables"' not in metadata.read_text()
+        except OSError:
+            return False
+
+
+def _model_item(state) -> dict:
+    """What inference needs: parameters, balancing biases and the tables' rows."""
+    return {"params": state.params, "moe_bias": state.moe_bias, "tables": state.tables.rows}

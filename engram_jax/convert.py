@@ -1,7 +1,7 @@
 """Weights from DeepSeek's PyTorch Engram layer, mapped onto `engram.Engram`'s params.
 
 PyTorch names (reference demo)             -> engram-jax params
-  multi_head_embedding.embedding.weight [V, Dh]   table/embedding [V, Dh]
+  multi_head_embedding.embedding.weight [V, Dh]   the table [V, Dh], returned beside the params
   value_proj.weight [D, d_mem], .bias [D]          kv_kernel[:, 0] (transposed), kv_bias[0]
   key_projs.g.weight [D, d_mem], .bias [D]         kv_kernel[:, 1 + g], kv_bias[1 + g]
   norm1.g.weight [D] (keys)                        key_norm/scale[g]
@@ -22,8 +22,12 @@ from engram_jax.table import head_offsets
 
 
 def engram_params_from_torch(weights: Mapping[str, np.ndarray], config: EngramConfig,
-                             layer_id: int) -> dict:
+                             layer_id: int) -> tuple[dict, np.ndarray]:
     """Converts one PyTorch Engram layer's state dict (as NumPy arrays) to Flax params.
+
+    Returns:
+      (the layer's params, its table [V, Dh]): the table is state of its own in
+      engram-jax (`table.py`), read through `table.gather` or `Tables.lookup`.
 
     Raises:
       ValueError: a weight is missing or has a shape that does not fit `config`.
@@ -51,7 +55,6 @@ def engram_params_from_torch(weights: Mapping[str, np.ndarray], config: EngramCo
     kernel = np.stack([get(f"{p}.weight", (d, d_mem)).T for p in projections], axis=1)  # [d_mem, S, D]
     bias = np.stack([get(f"{p}.bias", (d,)) for p in projections])  # [S, D]
     params = {
-        "table": {"embedding": table},
         "kv_kernel": kernel,
         "kv_bias": bias,
         "key_norm": {"scale": np.stack([get(f"norm1.{g}.weight", (d,)) for g in range(branches)])},
@@ -64,4 +67,4 @@ def engram_params_from_torch(weights: Mapping[str, np.ndarray], config: EngramCo
             "norm": {"scale": np.stack([get(f"short_conv.norms.{g}.weight", (d,))
                                         for g in range(branches)])},
         }
-    return params
+    return params, table

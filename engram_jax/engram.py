@@ -1,6 +1,7 @@
 """The Engram layer: memory lookup, context-aware gating, short conv (paper section 2).
 
-For memory vectors e = concat of the hashed N-gram rows (`table.py`) and a residual
+For memory vectors e = concat of the hashed N-gram rows (looked up by `table.py`,
+which keeps the tables as their own sharded state) and a residual
 stream of G branches h[g] (G = 1 for a plain residual, G = 4 with mHC):
 
     v     = W_V e + b_V                                   one value, shared   (eq. 3)
@@ -27,7 +28,6 @@ import numpy as np
 
 from engram_jax import hashing
 from engram_jax.config_base import Config
-from engram_jax.table import MultiHeadEmbedding
 
 # Logical axis names of Engram's parameters (mapped to mesh axes in sharding.py).
 EMBED, BRANCH, MEMORY, SLOT, TAPS = "embed", "branch", "engram_memory", "engram_slot", "conv_taps"
@@ -66,6 +66,13 @@ class EngramConfig(Config):
       gate_norm_eps: epsilon of the key and query RMSNorms; None is the machine epsilon
         of the float32-or-wider type they are computed in (PyTorch's default, as the
         reference).
+      placement: where the tables live: "device" (rows sharded over the devices'
+        memory) or "host" (the same shards in pinned host memory; see `table.py`).
+      table_dtype: storage dtype of the table rows and their Adam moments, "float32"
+        or "bfloat16" (update math is float32 either way).
+      lookup_capacity_factor: size of the lookup's all-to-all buckets relative to an
+        even split of a device's ids over the shards; 0 sizes them so that no id can
+        ever be dropped (see `table.py`).
     """
 
     layer_ids: tuple[int, ...] = (1, 15)
@@ -86,6 +93,9 @@ class EngramConfig(Config):
     table_init_std: float = 1.0
     conv_norm_eps: float = 1e-5
     gate_norm_eps: float | None = None
+    placement: str = "device"
+    table_dtype: str = "float32"
+    lookup_capacity_factor: float = 2.0
 
     def validate(self) -> None:
         self.check(len(self.layer_ids) > 0, "layer_ids", "needs at least one layer")
@@ -106,6 +116,9 @@ class EngramConfig(Config):
         self.check(self.table_init_std > 0, "table_init_std", "must be > 0")
         self.check(self.conv_norm_eps > 0, "conv_norm_eps", "must be > 0")
         self.check(self.gate_norm_eps is None or self.gate_norm_eps > 0, "gate_norm_eps", "must be > 0")
+        self.check(self.placement in ("device", "host"), "placement", "must be 'device' or 'host'")
+        self.check(self.table_dtype in ("float32", "bfloat16"), "table_dtype", "must be 'float32' or 'bfloat16'")
+        self.check(self.lookup_capacity_factor >= 0, "lookup_capacity_factor", "must be >= 0 (0: never drop)")
 
     @property
     def num_heads(self) -> int:
@@ -240,12 +253,13 @@ class Engram(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: jnp.ndarray, hash_ids: jnp.ndarray) -> jnp.ndarray:
-        """Computes Y from the hidden state and the layer's hash ids.
+    def __call__(self, hidden: jnp.ndarray, memory: jnp.ndarray) -> jnp.ndarray:
+        """Computes Y from the hidden state and the layer's memory vectors.
 
         Args:
           hidden: [B, T, G, D] residual branches, or [B, T, D] for a single stream.
-          hash_ids: [B, T, H] integer ids from `NgramHasher` for this layer.
+          memory: [B, T, d_mem] the rows of this layer's hash ids, concatenated over the
+            heads (`table.Tables.lookup`, or `table.gather` on one device).
 
         Returns:
           Y with the shape of `hidden`, in `dtype`.
@@ -256,18 +270,15 @@ class Engram(nn.Module):
             raise ValueError(f"Engram: hidden must be [B, T, G, D] or [B, T, D], got shape {hidden.shape}")
         h = hidden[:, :, None, :] if single else hidden  # [B, T, G, D]
         b, t, g, d = h.shape
-        if hash_ids.shape != (b, t, cfg.num_heads):
-            raise ValueError(f"Engram layer {self.layer_id}: hash_ids must be [B, T, H] = "
-                             f"{(b, t, cfg.num_heads)} to match hidden {hidden.shape}, got {hash_ids.shape}")
-        if not jnp.issubdtype(hash_ids.dtype, jnp.integer):
-            raise ValueError(f"Engram: hash_ids must be integers, got {hash_ids.dtype}")
+        if memory.shape != (b, t, cfg.memory_dim):
+            raise ValueError(f"Engram layer {self.layer_id}: memory must be [B, T, d_mem] = "
+                             f"{(b, t, cfg.memory_dim)} to match hidden {hidden.shape}, got {memory.shape}")
         if not cfg.multi_branch and g != 1:
             raise ValueError("EngramConfig.multi_branch=False gates one stream: pass the stream read by "
                              f"mHC's H_pre as [B, T, D]; got {g} branches")
-        chex.assert_type(h, float)
+        chex.assert_type([h, memory], float)
 
-        e = MultiHeadEmbedding(cfg.head_sizes(self.layer_id), cfg.head_dim, cfg.table_init_std,
-                               self.dtype, self.param_dtype, name="table")(hash_ids)  # [B, T, d_mem]
+        e = memory.astype(self.dtype)  # [B, T, d_mem]
         slots = 1 + g if cfg.gating else 1  # the value, then one key per branch
         kernel = self.param("kv_kernel", nn.with_logical_partitioning(
             nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)),

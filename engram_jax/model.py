@@ -12,6 +12,9 @@ residual stream):
 
 Engram's hash ids arrive with the batch, one [B, T, H] array per Engram layer; they
 are computed on the host by `NgramHasher` in the input pipeline (paper section 2.5).
+The tables are not parameters of this model: the train step looks the rows up first
+(`table.Tables.lookup`, sharded, possibly from host memory) and passes the memory
+vectors e [B, T, d_mem] in, one per Engram layer.
 """
 
 from __future__ import annotations
@@ -127,16 +130,16 @@ class Block(nn.Module):
         return mhc.write(x, h_res, h_post, f(mhc.read(h_pre, x)))
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, hash_ids: jnp.ndarray | None) -> jnp.ndarray:
-        """[B, T, G, D] -> [B, T, G, D]; hash_ids [B, T, H] at Engram layers."""
+    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None) -> jnp.ndarray:
+        """[B, T, G, D] -> [B, T, G, D]; memory [B, T, d_mem] at Engram layers."""
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         if cfg.has_engram(self.layer):
             engram = Engram(cfg.engram, self.layer, dtype, param_dtype, name="engram")
             if cfg.engram.multi_branch or cfg.branches == 1:
-                x = x + engram(x, hash_ids)  # every branch gated by its own state (eq. 6)
+                x = x + engram(x, memory)  # every branch gated by its own state (eq. 6)
             else:  # ablation: one gate on the stream read by H_pre, written back by mHC
-                x = self.sublayer(x, lambda h: engram(h, hash_ids), "engram")
+                x = self.sublayer(x, lambda h: engram(h, memory), "engram")
 
         attention = Attention(cfg.attention, dtype, param_dtype, name="attention")
         x = self.sublayer(x, lambda h: attention(_norm(cfg, "attention_norm")(h)), "attention")
@@ -148,18 +151,18 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    """The language model. `Model(config).apply(variables, tokens, hash_ids)` -> logits."""
+    """The language model. `Model(config).apply(variables, tokens, memory)` -> logits."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray, hash_ids: Mapping[int, jnp.ndarray] | None = None) -> jnp.ndarray:
+    def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None) -> jnp.ndarray:
         """Next-token logits.
 
         Args:
           tokens: [B, T] integer token ids.
-          hash_ids: `{layer_id: [B, T, H]}` from `NgramHasher`, one entry per Engram
-            layer; required when the config has Engram.
+          memory: `{layer_id: [B, T, d_mem]}` memory vectors (the table rows of the
+            layer's hash ids), one entry per Engram layer; required with Engram.
 
         Returns:
           [B, T, V] float32 logits.
@@ -167,11 +170,11 @@ class Model(nn.Module):
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}")
-        hash_ids = dict(hash_ids or {})
+        memory = dict(memory or {})
         if cfg.engram is not None:
-            missing = [i for i in cfg.engram.layer_ids if i not in hash_ids]
+            missing = [i for i in cfg.engram.layer_ids if i not in memory]
             if missing:
-                raise ValueError(f"hash_ids lacks Engram layers {missing}; got layers {sorted(hash_ids)}")
+                raise ValueError(f"memory lacks Engram layers {missing}; got layers {sorted(memory)}")
         dtype = DTYPES[cfg.dtype]
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=DTYPES[cfg.param_dtype], name="embed",
                          embedding_init=nn.with_logical_partitioning(
@@ -179,7 +182,7 @@ class Model(nn.Module):
         x = mhc.expand(embed(tokens).astype(dtype), cfg.branches)  # [B, T, G, D]
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block(cfg, i, name=f"block_{i}")(x, hash_ids.get(i))
+            x = block(cfg, i, name=f"block_{i}")(x, memory.get(i))
         h = _norm(cfg, "final_norm")(mhc.reduce(x))  # [B, T, D]
         if cfg.tie_embeddings:
             logits = embed.attend(h.astype(DTYPES[cfg.param_dtype]))
@@ -191,13 +194,13 @@ class Model(nn.Module):
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, seq: int = 1) -> tuple[jnp.ndarray, dict]:
-    """Zero tokens and hash ids of the right shapes, for init and eval_shape."""
+    """Zero tokens and memory vectors of the right shapes, for init and eval_shape."""
     tokens = jnp.zeros((batch, seq), jnp.int32)
-    hash_ids = {}
+    memory = {}
     if config.engram is not None:
-        hash_ids = {i: jnp.zeros((batch, seq, config.engram.num_heads), jnp.int32)
-                    for i in config.engram.layer_ids}
-    return tokens, hash_ids
+        memory = {i: jnp.zeros((batch, seq, config.engram.memory_dim), jnp.float32)
+                  for i in config.engram.layer_ids}
+    return tokens, memory
 
 
 def init_variables(config: ModelConfig, rng: jax.Array) -> dict:
@@ -249,11 +252,12 @@ def _leaves(tree) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
 
 
 def count_params(config: ModelConfig) -> ParamCount:
-    """Counts parameters from `jax.eval_shape` of init: no array is allocated."""
+    """Counts parameters from `jax.eval_shape` of init (no array is allocated); the
+    Engram tables, which live beside the parameters, from their head primes."""
     leaves = _leaves(variable_shapes(config)["params"])
-    total = sum(math.prod(s) for _, s in leaves)
-    engram = sum(math.prod(s) for p, s in leaves if p[-3:] == ("engram", "table", "embedding"))
-    engram_layers = sum(math.prod(s) for p, s in leaves if {"engram", "engram_hc"} & set(p)) - engram
+    engram = config.engram.table_params if config.engram else 0
+    total = sum(math.prod(s) for _, s in leaves) + engram
+    engram_layers = sum(math.prod(s) for p, s in leaves if {"engram", "engram_hc"} & set(p))
     experts = config.moe.num_experts if config.moe else 0
     # Routed experts: the kernels of a MoE stacked over a leading expert axis.
     routed = sum(math.prod(s) for p, s in leaves if "moe" in p and len(s) == 3 and s[0] == experts)

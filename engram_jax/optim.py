@@ -1,12 +1,14 @@
-"""Optimizers, built by one function from labelled parameter groups (paper section 4.1).
+"""Optimizers (paper section 4.1): the backbone's from optax, the Engram tables' by row.
 
-- `backbone`: AdamW, or Muon (`optax.contrib.muon`) on the weight matrices with AdamW
-  for the rest, weight decay 0.1 on matrices; warmup then cosine or step decay.
-- `table`: the Engram tables, with Adam at 5x the backbone learning rate and no weight
-  decay (the paper's "Engram optimizer": Adam, LR x5, WD 0).
-Gradients are clipped by global norm first. Groups are decided from the parameters'
-logical axis names (a table is what has the axes `engram_rows`, `engram_dim`), so the
-train step never special-cases a parameter by name.
+- Backbone parameters: AdamW, or Muon (`optax.contrib.muon`) on the weight matrices
+  with AdamW for the rest, weight decay 0.1 on matrices; warmup then cosine or step
+  decay. Which matrices Muon sees, and how, is decided from the parameters' logical
+  axis names (`muon_dimensions`), so the train step never special-cases a parameter.
+- Engram tables: not parameters but state of their own (`table.py`), updated row by
+  row where they live by a `table_optim.RowOptimizer` (default lazy Adam) at 5x the
+  backbone learning rate and no weight decay (the paper's "Engram optimizer").
+Gradients are clipped by their global norm over both (`clip_scale`): the train step
+scales the backbone's gradients and the tables' row gradients by the same factor.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from engram_jax.config_base import Config
 from engram_jax.sharding import is_axes
-from engram_jax.table import DIM, ROWS
+from engram_jax.table_optim import ALGORITHMS, RowOptimizer
 
-TABLE, BACKBONE = "table", "backbone"
 # Axes a kernel reads from (its matmul's reduction side) when they come first; see
 # `muon_dimensions`. Kernels are laid out [inputs..., outputs...] throughout.
 _EXPERTS, _EMBED = "experts", "embed"
+# Moonlight (Liu et al. 2025, "Muon is scalable for LLM training"): Muon's orthogonalised
+# update rescaled to RMS 0.2 x the learning rate, AdamW's typical update RMS, so that
+# AdamW hyperparameters (the paper's 4e-4 and weight decay 0.1) carry over.
+MOONLIGHT_RMS = 0.2
 # DeepSeek LLM's multi-step schedule (Bi et al. 2024), cited by the paper: the learning
 # rate drops to 31.6% after 80% of training and to 10% after 90%.
 _STEP_DECAY = ((0.8, 0.316), (0.9, 0.1))
@@ -43,7 +49,13 @@ class OptimConfig(Config):
       weight_decay: decoupled weight decay of backbone matrices (paper: 0.1).
       b1, b2, eps: Adam moments and epsilon (also Muon's Adam fallback).
       muon_momentum: Muon's momentum.
-      clip_norm: global gradient-norm clipping; 0 disables it.
+      muon_rms: RMS of Muon's update over the learning rate, whatever the matrix's
+        shape (Moonlight's 0.2, matching AdamW); 0 keeps optax's default scaling, an
+        RMS of about 1 / sqrt(max(m, n)) for an m x n matrix.
+      clip_norm: global gradient-norm clipping (backbone and tables together); 0
+        disables it.
+      table_algorithm: the tables' row optimizer: "lazy_adam", "adagrad", "sgd" or
+        "adam" (dense; see `table_optim`).
       table_lr_multiplier: Engram tables' learning rate over the backbone's (paper: 5).
       table_weight_decay: Engram tables' weight decay (paper: 0).
     """
@@ -58,7 +70,9 @@ class OptimConfig(Config):
     b2: float = 0.95
     eps: float = 1e-8
     muon_momentum: float = 0.95
+    muon_rms: float = MOONLIGHT_RMS
     clip_norm: float = 1.0
+    table_algorithm: str = "lazy_adam"
     table_lr_multiplier: float = 5.0
     table_weight_decay: float = 0.0
 
@@ -72,6 +86,8 @@ class OptimConfig(Config):
         self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self.check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1", "b1 and b2 must be in [0, 1)")
         self.check(self.clip_norm >= 0, "clip_norm", "must be >= 0")
+        self.check(self.muon_rms >= 0, "muon_rms", "must be >= 0 (0: optax's default scaling)")
+        self.check(self.table_algorithm in ALGORITHMS, "table_algorithm", f"must be one of {', '.join(ALGORITHMS)}")
         self.check(self.table_lr_multiplier > 0, "table_lr_multiplier", "must be > 0")
         self.check(self.table_weight_decay >= 0, "table_weight_decay", "must be >= 0")
 
@@ -92,27 +108,19 @@ def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([ramp, after], [warmup])
 
 
-def param_labels(axes) -> dict:
-    """`table` for Engram tables, `backbone` for every other parameter.
-
-    Args:
-      axes: a pytree of logical axis-name tuples, one per parameter (`logical_axes`).
-    """
-    return jax.tree.map(lambda names: TABLE if tuple(names) == (ROWS, DIM) else BACKBONE, axes,
-                        is_leaf=is_axes)
-
-
 def muon_dimensions(names: tuple) -> optax.contrib.MuonDimensionNumbers | None:
     """How Muon sees a kernel as matrices, from its logical axes; None: use Adam.
 
     A leading `experts` axis is a batch of matrices. A kernel that writes the model width
     (last axis `embed`, e.g. heads x head_dim -> embed) reduces over all its other
     axes; any other kernel reduces over its first axis (embed -> heads x head_dim).
-    Vectors, the token embedding and the LM head (which touch the vocabulary) and the
-    Engram tables stay with Adam, as is usual for Muon.
+    Vectors, the token embedding and the LM head (which touch the vocabulary) stay with
+    Adam, as is usual for Muon. Muon sees every other kernel: attention and expert
+    kernels, the router, the mHC maps, and Engram's fused value/key projection
+    [d_mem, 1 + G, D] as one d_mem x (1 + G) D matrix.
     """
     names = tuple(names)
-    if len(names) < 2 or "vocab" in names or names == (ROWS, DIM):
+    if len(names) < 2 or "vocab" in names:
         return None
     start = 1 if names[0] == _EXPERTS else 0
     axes = tuple(range(start, len(names)))
@@ -124,7 +132,7 @@ def muon_dimensions(names: tuple) -> optax.contrib.MuonDimensionNumbers | None:
 
 
 def build_optimizer(config: OptimConfig, axes, total_steps: int) -> optax.GradientTransformation:
-    """The whole optimizer: clipping, then the backbone and table groups.
+    """The backbone's optimizer (gradients arrive clipped: see `clip_scale`).
 
     Args:
       config: the optimizer config.
@@ -132,7 +140,6 @@ def build_optimizer(config: OptimConfig, axes, total_steps: int) -> optax.Gradie
       total_steps: training length, for the schedule.
     """
     lr = schedule(config, total_steps)
-    table_lr = lambda step: config.table_lr_multiplier * lr(step)  # noqa: E731
     matrices = jax.tree.map(lambda names: len(names) >= 2, axes, is_leaf=is_axes)
     if config.algorithm == "muon":
         backbone = optax.contrib.muon(
@@ -140,12 +147,22 @@ def build_optimizer(config: OptimConfig, axes, total_steps: int) -> optax.Gradie
             # Muon's Adam side (embeddings, LM head, vectors) takes an unmasked decay:
             # keep it at 0 so that norms and biases are never decayed.
             adam_b1=config.b1, adam_b2=config.b2, adam_weight_decay=0.0,
-            muon_weight_dimension_numbers=jax.tree.map(muon_dimensions, axes, is_leaf=is_axes))
+            muon_weight_dimension_numbers=jax.tree.map(muon_dimensions, axes, is_leaf=is_axes),
+            consistent_rms=config.muon_rms or None)
     else:
         backbone = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                                weight_decay=config.weight_decay, mask=matrices)
-    table = optax.adamw(table_lr, b1=config.b1, b2=config.b2, eps=config.eps,
+    return backbone
+
+
+def table_optimizer(config: OptimConfig) -> RowOptimizer:
+    """The Engram tables' row optimizer (its learning rate: `table_lr_multiplier` x the schedule)."""
+    return RowOptimizer(config.table_algorithm, b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.table_weight_decay)
-    parts = [optax.clip_by_global_norm(config.clip_norm)] if config.clip_norm else []
-    parts.append(optax.multi_transform({BACKBONE: backbone, TABLE: table}, param_labels(axes)))
-    return optax.chain(*parts)
+
+
+def clip_scale(norm: jax.Array, clip_norm: float) -> jax.Array:
+    """The factor on every gradient that caps their global norm at `clip_norm` (0: none)."""
+    if not clip_norm:
+        return jnp.ones_like(norm)
+    return jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))

@@ -2,8 +2,10 @@
 
 Modules only name logical axes (`embed`, `experts`, `engram_rows`, ...); this module is
 the one place that maps them to the mesh. The mesh has a `data` axis (batch) and a
-`model` axis (rows of the Engram tables and routed experts are split over it); with
-`model = 1` everything but the batch is replicated.
+`model` axis (routed experts are split over it); with `model = 1` everything but the
+batch and the Engram tables is replicated. Engram tables are state of their own
+(`table.py`): their rows are split over `MeshConfig.table_axes` (default: every device)
+and their memory kind follows their placement (`table_sharding`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ DATA, MODEL = "data", "model"
 # Logical axis -> mesh axis. Anything not named here is replicated.
 RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", DATA),
-    ("engram_rows", MODEL),  # Engram tables: rows split across devices (paper section 2.5)
     ("experts", MODEL),  # expert parallelism
 )
 
@@ -32,14 +33,19 @@ class MeshConfig(Config):
     """Device mesh shape.
 
     Attributes:
-      model: devices along the `model` axis (table rows, experts); the remaining
-        devices form the `data` axis.
+      model: devices along the `model` axis (experts); the remaining devices form the
+        `data` axis.
+      table_axes: mesh axes that split the rows of the Engram tables; empty means every
+        axis (each device holds 1/devices of every table, no replica). Axes left out
+        hold replicas, which receive every shard's updates.
     """
 
     model: int = 1
+    table_axes: tuple[str, ...] = ()
 
     def validate(self) -> None:
         self.check(self.model >= 1, "model", "must be >= 1")
+        self.check(set(self.table_axes) <= {DATA, MODEL}, "table_axes", f"axes must be among {DATA!r}, {MODEL!r}")
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
@@ -103,6 +109,13 @@ def like_params(tree, param_shardings, default: NamedSharding):
         return default
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def table_sharding(mesh: Mesh, axes: tuple[str, ...], placement: str, ndim: int) -> NamedSharding:
+    """Engram table state: rows (the first axis) split over `axes`, in device memory or,
+    for `placement="host"`, in pinned host memory."""
+    kind = {"device": "device", "host": "pinned_host"}[placement]
+    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))), memory_kind=kind)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

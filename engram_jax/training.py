@@ -1,9 +1,16 @@
 """The train state and the pure, jit-compiled train and eval steps.
 
-State is one pytree: parameters (Engram tables included), optimizer state, the MoE
-balancing biases and the step. `train_step(state, batch) -> (state, metrics)` has one
-code path; where arrays live (devices, data parallelism) is decided by the shardings
-the caller jits it with, never by branches here.
+State is one pytree: parameters, the Engram tables with their per-row optimizer slots
+(`table.TableState`), the dense optimizer state, the MoE balancing biases and the
+step. `train_step(state, batch) -> (state, metrics)` has one code path; where arrays
+live (devices, host memory, data parallelism) is decided by the shardings the caller
+jits it with and by the table engine's placement, never by branches here:
+
+    memory = lookup(tables, hash_ids)                    only the addressed rows move
+    loss, (g_params, g_memory) = value_and_grad(...)
+    pushed = push(hash_ids, g_memory)                    row gradients to their owners
+    scale  = clip(|g_params|, |pushed|)                  one global norm
+    params = optax update;  tables = row optimizer on the pushed rows only
 
 A batch is `{"inputs": [B, T], "targets": [B, T], "hash_ids": {layer: [B, T, H]}}`.
 """
@@ -22,6 +29,8 @@ import optax
 from engram_jax import model as model_lib
 from engram_jax.model import Model, ModelConfig
 from engram_jax.moe import update_bias
+from engram_jax.optim import clip_scale
+from engram_jax.table import Tables, TableState
 
 
 @flax.struct.dataclass
@@ -30,25 +39,30 @@ class TrainState:
 
     Attributes:
       step: number of updates applied (int32 scalar).
-      params: model parameters, Engram tables included.
+      params: model parameters (the Engram tables are in `tables`).
       moe_bias: per-expert selection biases of every MoE layer (the `moe_bias`
         collection), nudged toward balanced load after each step; not trained by
         gradients (DeepSeek-V3's auxiliary-loss-free balancing).
-      opt_state: the optimizer's state.
+      opt_state: the backbone optimizer's state.
+      tables: the Engram tables and their row-optimizer slots (empty without Engram).
     """
 
     step: jax.Array
     params: Any
     moe_bias: Any
     opt_state: Any
+    tables: TableState
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
+               rng: jax.Array) -> TrainState:
     """A fresh state. Jit it with `out_shardings` to create it directly where it lives."""
-    variables = nn.unbox(model_lib.init_variables(config, rng))
+    model_rng, table_rng = jax.random.split(rng)
+    variables = nn.unbox(model_lib.init_variables(config, model_rng))
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      moe_bias=variables.get("moe_bias", {}), opt_state=tx.init(params))
+    table_state = tables.init(table_rng) if tables is not None else TableState(rows={}, slots={})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, moe_bias=variables.get("moe_bias", {}),
+                      opt_state=tx.init(params), tables=table_state)
 
 
 def _module_values(tree: dict, name: str) -> dict[tuple[str, ...], jax.Array]:
@@ -66,11 +80,22 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def forward(config: ModelConfig, params, moe_bias, batch) -> tuple[jax.Array, dict]:
-    """Loss and the sown intermediates (gates, expert loads) of one batch."""
+def forward(config: ModelConfig, params, moe_bias, batch, memory) -> tuple[jax.Array, dict]:
+    """Loss and the sown intermediates (gates, expert loads) of one batch.
+
+    Args:
+      memory: `{layer: [B, T, d_mem]}` the looked-up memory vectors (`Tables.lookup`).
+    """
     logits, state = Model(config).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"],
-                                        batch.get("hash_ids"), mutable=["intermediates"])
+                                        memory, mutable=["intermediates"])
     return cross_entropy(logits, batch["targets"]), state.get("intermediates", {})
+
+
+def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32) -> tuple[dict, dict]:
+    """The batch's memory vectors and the lookup's counters (nothing without Engram)."""
+    if tables is None:
+        return {}, {}
+    return tables.lookup(rows, batch["hash_ids"], dtype)
 
 
 def _summaries(intermediates: dict) -> dict[str, jax.Array]:
@@ -86,10 +111,24 @@ def _summaries(intermediates: dict) -> dict[str, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule, bias_rate: float) -> tuple[TrainState, dict]:
-    """One update: gradients, optimizer, and the loss-free balancing of the biases."""
-    (loss, inter), grads = jax.value_and_grad(
-        lambda p: forward(config, p, state.moe_bias, batch), has_aux=True)(state.params)
+               tables: Tables | None, lr_schedule: optax.Schedule, table_lr_multiplier: float,
+               clip_norm: float, bias_rate: float) -> tuple[TrainState, dict]:
+    """One update: lookup, gradients, clipping, both optimizers, and the biases' balancing."""
+    memory, lookup_stats = lookup(tables, state.tables.rows, batch)
+    (loss, inter), (grads, g_memory) = jax.value_and_grad(
+        lambda p, e: forward(config, p, state.moe_bias, batch, e), argnums=(0, 1), has_aux=True)(
+        state.params, memory)
+    squared = optax.tree.norm(grads, squared=True)
+    table_state = state.tables
+    if tables is not None:
+        pushed = tables.push(batch["hash_ids"], g_memory)
+        squared = squared + tables.squared_norm(pushed)
+    grad_norm = jnp.sqrt(squared)
+    scale = clip_scale(grad_norm, clip_norm)
+    if tables is not None:
+        table_lr = table_lr_multiplier * lr_schedule(state.step)
+        table_state = tables.apply(state.tables, pushed, table_lr, state.step, scale)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loads = _module_values(inter, "expert_load")
@@ -99,29 +138,54 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax
         return update_bias(bias, loads[keys[:-1]], bias_rate)
 
     moe_bias = jax.tree_util.tree_map_with_path(nudge, state.moe_bias)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": lr_schedule(state.step),
-               **_summaries(inter)}
-    return state.replace(step=state.step + 1, params=params, moe_bias=moe_bias, opt_state=opt_state), metrics
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
+               **_summaries(inter), **_lookup_summaries(lookup_stats, batch)}
+    return state.replace(step=state.step + 1, params=params, moe_bias=moe_bias, opt_state=opt_state,
+                         tables=table_state), metrics
 
 
-def eval_step(params, moe_bias, batch: dict, *, config: ModelConfig) -> dict:
-    """Summed loss and token count of one batch (sum, so that batches average exactly)."""
-    loss, inter = forward(config, params, moe_bias, batch)
+def _lookup_summaries(stats: dict, batch: dict) -> dict:
+    """Per Engram layer: ids dropped by full lookup buckets (0 unless the capacity factor
+    is too small), and the share of ids fetched after de-duplication on each device."""
+    out = {}
+    for key, value in stats.items():
+        kind, layer = key.split("/")
+        if kind == "engram_unique":
+            out[f"engram_fetched/{layer}"] = value / batch["hash_ids"][int(layer)].size
+        else:
+            out[key] = value
+    return out
+
+
+def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None) -> dict:
+    """Summed loss and token count of one batch (sum, so that batches average exactly).
+
+    Args:
+      rows: `TableState.rows` (the optimizer slots are not needed).
+    """
+    memory, _ = lookup(tables, rows, batch)
+    loss, inter = forward(config, params, moe_bias, batch, memory)
     tokens = batch["targets"].size
     return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter)}
 
 
-def jit_steps(config: ModelConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-              bias_rate: float, state_sharding=None, batch_sharding=None):
+def jit_steps(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
+              lr_schedule: optax.Schedule, bias_rate: float, *, table_lr_multiplier: float = 5.0,
+              clip_norm: float = 1.0, state_sharding=None, batch_sharding=None):
     """The train and eval steps, jitted once with explicit shardings; the state is donated.
+
+    Args:
+      tables: the table engine (None without Engram); its mesh is the steps' mesh.
 
     Returns:
       (train(state, batch) -> (state, metrics), evaluate(state, batch) -> metrics).
     """
-    train = jax.jit(functools.partial(train_step, config=config, tx=tx, lr_schedule=lr_schedule,
+    train = jax.jit(functools.partial(train_step, config=config, tx=tx, tables=tables, lr_schedule=lr_schedule,
+                                      table_lr_multiplier=table_lr_multiplier, clip_norm=clip_norm,
                                       bias_rate=bias_rate),
                     in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                     donate_argnums=0)
-    evaluate = jax.jit(lambda state, batch: eval_step(state.params, state.moe_bias, batch, config=config),
+    evaluate = jax.jit(lambda state, batch: eval_step(state.params, state.moe_bias, state.tables.rows, batch,
+                                                      config=config, tables=tables),
                        in_shardings=(state_sharding, batch_sharding))
     return train, evaluate

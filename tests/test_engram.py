@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engram_jax import table
 from engram_jax.convert import engram_params_from_torch
 from engram_jax.engram import Engram, EngramConfig
 from engram_jax.table import head_offsets
@@ -34,10 +35,11 @@ def golden_forward(path, dtype):
     data = np.load(path)
     config = EngramConfig(**GOLDEN_CONFIG)
     weights = {k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")}
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), engram_params_from_torch(weights, config, 1))
+    params, rows = jax.tree.map(lambda x: jnp.asarray(x, dtype), engram_params_from_torch(weights, config, 1))
     hash_ids = config.make_hasher(data["compression_table"])(data["input_ids"])[1]
+    memory = table.gather(rows, jnp.asarray(hash_ids), config.head_sizes(1))
     layer = Engram(config, layer_id=1, dtype=dtype, param_dtype=dtype)
-    out = layer.apply({"params": params}, jnp.asarray(data["hidden_states"], dtype), jnp.asarray(hash_ids))
+    out = layer.apply({"params": params}, jnp.asarray(data["hidden_states"], dtype), memory)
     return out, data["output"]
 
 
@@ -57,6 +59,20 @@ def test_golden_output_float32(reference_dir):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-5)
 
 
+class WithTable:
+    """An Engram layer with its table beside it (params["table"]), composed as the train
+    step composes them: gather the rows of the hash ids, then the layer."""
+
+    def __init__(self, layer: Engram):
+        self.layer, self.config, self.layer_id = layer, layer.config, layer.layer_id
+
+    def apply(self, variables, hidden, hash_ids, **kwargs):
+        params = dict(variables["params"])
+        rows = params.pop("table")
+        memory = table.gather(rows, hash_ids, self.config.head_sizes(self.layer_id))
+        return self.layer.apply({"params": params}, hidden, memory.astype(self.layer.dtype), **kwargs)
+
+
 def make(config=None, branches=4, dim=16, batch=2, seq=12, seed=0, dtype=jnp.float32, **overrides):
     config = (config or EngramConfig(layer_ids=(0, 3), max_ngram_size=3, heads_per_ngram=2,
                                      embed_per_ngram=8, table_sizes=(23, 31))).replace(**overrides)
@@ -66,8 +82,10 @@ def make(config=None, branches=4, dim=16, batch=2, seq=12, seed=0, dtype=jnp.flo
     hasher = config.make_hasher(np.arange(50))
     hash_ids = jnp.asarray(hasher(rng.integers(0, 50, (batch, seq)))[0])
     layer = Engram(config, layer_id=0, dtype=dtype)
-    params = layer.init(jax.random.key(seed), hidden, hash_ids)["params"]
-    return layer, nn.unbox(params), hidden, hash_ids
+    rows = jnp.asarray(rng.normal(size=(config.table_rows(0), config.head_dim)), jnp.float32)
+    memory = table.gather(rows, hash_ids, config.head_sizes(0))
+    params = nn.unbox(layer.init(jax.random.key(seed), hidden, memory.astype(dtype))["params"])
+    return WithTable(layer), {**params, "table": rows}, hidden, hash_ids
 
 
 def gated_value(layer, params, hidden, hash_ids):
@@ -75,7 +93,7 @@ def gated_value(layer, params, hidden, hash_ids):
     _, state = layer.apply({"params": params}, hidden, hash_ids, mutable=["intermediates"])
     gate = state["intermediates"]["gate"][0]  # [B, T, G]
     sizes = layer.config.head_sizes(layer.layer_id)
-    rows = params["table"]["embedding"][hash_ids + head_offsets(sizes)]  # [B, T, H, Dh]
+    rows = params["table"][hash_ids + head_offsets(sizes)]  # [B, T, H, Dh]
     e = rows.reshape(*hash_ids.shape[:2], -1)
     value = e @ params["kv_kernel"][:, 0] + params["kv_bias"][0]  # [B, T, D]
     return gate[..., None] * value[:, :, None, :]
@@ -98,7 +116,7 @@ def test_table_gradient_is_nonzero_only_on_looked_up_rows():
     layer, params, hidden, hash_ids = make(conv_zero_init=False)
     cotangent = jax.random.normal(jax.random.key(1), hidden.shape)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, hidden, hash_ids) * cotangent)))(params)
-    table_grad = np.asarray(grads["table"]["embedding"])
+    table_grad = np.asarray(grads["table"])
     looked_up = np.unique(np.asarray(hash_ids) + head_offsets(layer.config.head_sizes(0)))
     nonzero = np.flatnonzero(np.any(table_grad != 0, axis=1))
     np.testing.assert_array_equal(nonzero, looked_up)
@@ -117,7 +135,7 @@ def test_runs_under_jit_and_grad_for_any_branch_count(branches):
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     layer32, params, hidden, hash_ids = make(conv_zero_init=False)
-    layer16 = Engram(layer32.config, layer_id=0, dtype=jnp.bfloat16)
+    layer16 = WithTable(Engram(layer32.config, layer_id=0, dtype=jnp.bfloat16))
     out16 = layer16.apply({"params": params}, hidden.astype(jnp.bfloat16), hash_ids)
     out32 = layer32.apply({"params": params}, hidden, hash_ids)
     assert out16.dtype == jnp.bfloat16
@@ -175,30 +193,33 @@ def test_output_is_causal_in_the_hash_ids():
     assert np.abs(a[:, 10:] - b[:, 10:]).max() > 0
 
 
-@pytest.mark.parametrize("hidden_shape, ids_shape, message", [
-    ((2, 12, 4, 16), (2, 12, 5), "hash_ids must be"),
-    ((2, 12, 4, 16), (2, 11, 4), "hash_ids must be"),
-    ((2, 12), (2, 12, 4), "hidden must be"),
+@pytest.mark.parametrize("hidden_shape, memory_shape, message", [
+    ((2, 12, 4, 16), (2, 12, 20), "memory must be"),
+    ((2, 12, 4, 16), (2, 11, 16), "memory must be"),
+    ((2, 12), (2, 12, 16), "hidden must be"),
 ])
-def test_wrong_shapes_are_clear_errors(hidden_shape, ids_shape, message):
+def test_wrong_shapes_are_clear_errors(hidden_shape, memory_shape, message):
     layer, params, _, _ = make()
+    del params["table"]
     with pytest.raises(ValueError, match=message):
-        layer.apply({"params": params}, jnp.zeros(hidden_shape), jnp.zeros(ids_shape, jnp.int32))
+        layer.layer.apply({"params": params}, jnp.zeros(hidden_shape), jnp.zeros(memory_shape))
 
 
-def test_float_hash_ids_are_rejected():
-    layer, params, hidden, hash_ids = make()
-    with pytest.raises(ValueError, match="integers"):
-        layer.apply({"params": params}, hidden, hash_ids.astype(jnp.float32))
+def test_hash_ids_of_the_wrong_width_or_type_are_rejected_by_the_lookup():
+    layer, params, _, hash_ids = make()
+    sizes = layer.config.head_sizes(0)
+    with pytest.raises(AssertionError):
+        table.gather(params["table"], hash_ids[..., :3], sizes)
+    with pytest.raises(AssertionError):
+        table.gather(params["table"], hash_ids.astype(jnp.float32), sizes)
 
 
-def test_table_carries_engram_logical_axes():
+def test_the_layer_owns_no_table():
     config = EngramConfig(layer_ids=(0,), heads_per_ngram=2, embed_per_ngram=8, table_sizes=(23, 31))
-    hidden, ids = jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 4), jnp.int32)
-    shapes = jax.eval_shape(lambda: Engram(config, 0).init(jax.random.key(0), hidden, ids))["params"]
-    specs = nn.get_partition_spec(shapes)
-    assert tuple(specs["table"]["embedding"]) == ("engram_rows", "engram_dim")
-    assert shapes["table"]["embedding"].value.shape == (config.table_rows(0), 4)
+    hidden, memory = jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, config.memory_dim))
+    shapes = jax.eval_shape(lambda: Engram(config, 0).init(jax.random.key(0), hidden, memory))["params"]
+    assert set(shapes) == {"kv_kernel", "kv_bias", "key_norm", "query_norm", "short_conv"}
+    assert tuple(nn.get_partition_spec(shapes)["kv_kernel"]) == ("engram_memory", "engram_slot", "embed")
 
 
 def test_conversion_rejects_weights_that_do_not_fit(reference_dir):

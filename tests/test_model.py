@@ -3,6 +3,7 @@
 import functools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from engram_jax import model as model_lib
+from engram_jax import table
 from engram_jax.attention import Attention, AttentionConfig
 from engram_jax.engram import EngramConfig
 from engram_jax.mhc import MHCConfig
@@ -30,11 +32,16 @@ def tiny_config(branches=4, engram=True, **overrides) -> ModelConfig:
 
 
 def inputs(config, tokens):
-    hash_ids = {}
+    """Tokens and the memory vectors of their hash ids, read from NumPy-drawn tables."""
+    memory = {}
     if config.engram is not None:
-        hasher = config.engram.make_hasher(np.arange(config.vocab_size))
-        hash_ids = {k: jnp.asarray(v) for k, v in hasher(np.asarray(tokens)).items()}
-    return jnp.asarray(tokens), hash_ids
+        e = config.engram
+        hasher = e.make_hasher(np.arange(config.vocab_size))
+        rng = np.random.default_rng(1)
+        for layer, ids in hasher(np.asarray(tokens)).items():
+            rows = jnp.asarray(rng.normal(size=(e.table_rows(layer), e.head_dim)), jnp.float32)
+            memory[layer] = table.gather(rows, jnp.asarray(ids), e.head_sizes(layer))
+    return jnp.asarray(tokens), memory
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,23 +74,26 @@ def test_changing_a_future_token_never_changes_earlier_logits(branches, engram):
     changed[:, 7] = (changed[:, 7] + 5) % 64
     a = apply_fn(config)(variables(config), *inputs(config, tokens))
     b = apply_fn(config)(variables(config), *inputs(config, changed))
-    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    chex.assert_shape([a, b], (2, 12, 64))
+    chex.assert_type([a, b], jnp.float32)
+    chex.assert_trees_all_equal(a[:, :7], b[:, :7])
     assert np.abs(a[:, 7:] - b[:, 7:]).max() > 0
 
 
 @pytest.mark.parametrize("branches, engram", [(1, False), (1, True), (4, False), (4, True)])
 def test_runs_under_jit_and_grad_with_finite_gradients(branches, engram):
     config = tiny_config(branches, engram)
-    tokens, hash_ids = inputs(config, np.random.default_rng(1).integers(0, 64, (2, 8)))
+    tokens, memory = inputs(config, np.random.default_rng(1).integers(0, 64, (2, 8)))
     v = variables(config)
 
     def loss(params):
-        logits = Model(config).apply({**v, "params": params}, tokens, hash_ids)
+        logits = Model(config).apply({**v, "params": params}, tokens, memory)
         return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
     grads = jax.jit(jax.grad(loss))(v["params"])
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, v["params"])
+    chex.assert_tree_all_finite(grads)
     leaves = jax.tree.leaves(grads)
-    assert all(np.all(np.isfinite(g)) for g in leaves)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)
 
 
@@ -101,7 +111,8 @@ def test_single_branch_block_is_a_plain_prenorm_residual_block():
     h = h + Attention(config.attention).apply({"params": params["attention"]},
                                               rms(h, params["attention_norm"]["scale"]))
     h = h + MLP(config.mlp_dim).apply({"params": params["mlp"]}, rms(h, params["ffn_norm"]["scale"]))
-    np.testing.assert_allclose(out[:, :, 0], h, rtol=1e-5, atol=1e-5)
+    chex.assert_shape(out, x.shape)
+    chex.assert_trees_all_close(out[:, :, 0], h, rtol=1e-5, atol=1e-5)
     assert not any("hc" in k for k in params)  # no mHC maps at M = 1
 
 
@@ -110,33 +121,34 @@ def test_single_branch_fusion_ablation_runs_through_mhc_maps():
     config = config.replace(engram=config.engram.replace(multi_branch=False))
     assert "engram_hc" in variables(config)["params"]["block_0"]
     logits = apply_fn(config)(variables(config), *inputs(config, np.ones((1, 5), np.int64)))
-    assert logits.shape == (1, 5, 64) and np.all(np.isfinite(logits))
+    chex.assert_shape(logits, (1, 5, 64))
+    chex.assert_tree_all_finite(logits)
 
 
-def test_missing_hash_ids_are_a_clear_error():
+def test_missing_memory_is_a_clear_error():
     config = tiny_config()
-    with pytest.raises(ValueError, match=r"hash_ids lacks Engram layers \[2\]"):
+    with pytest.raises(ValueError, match=r"memory lacks Engram layers \[2\]"):
         Model(config).apply(variables(config), jnp.zeros((1, 4), jnp.int32),
-                            {0: jnp.zeros((1, 4, 4), jnp.int32)})
+                            {0: jnp.zeros((1, 4, config.engram.memory_dim))})
 
 
 def test_count_params_matches_the_allocated_model():
     config = tiny_config()
     allocated = sum(x.size for x in jax.tree.leaves(variables(config)["params"]))
     count = model_lib.count_params(config)
-    assert count.total == allocated
     assert count.engram == sum(config.engram.table_rows(i) for i in (0, 2)) * config.engram.head_dim
+    assert count.total == allocated + count.engram  # the tables live beside the params
     assert count.engram_layers + count.engram == model_lib.engram_params(config)
     # Activated: all but the embedding, the idle routed experts and the unread table rows.
     routed = 2 * 4 * 3 * 16 * 8
-    assert count.activated == allocated - 64 * 16 - routed // 2 - (count.engram - 2 * 16)
+    assert count.activated == count.total - 64 * 16 - routed // 2 - (count.engram - 2 * 16)
 
 
 def test_flops_per_token_agree_with_the_compiled_forward():
     config = tiny_config(branches=4, moe=None, hidden_size=64, attention=AttentionConfig(num_heads=4, head_dim=16))
     seq = 32
-    tokens, hash_ids = inputs(config, np.zeros((4, seq), np.int64))
-    compiled = apply_fn(config).lower(variables(config), tokens, hash_ids).compile()
+    tokens, memory = inputs(config, np.zeros((4, seq), np.int64))
+    compiled = apply_fn(config).lower(variables(config), tokens, memory).compile()
     measured = compiled.cost_analysis()["flops"] / (4 * seq)
     assert 0.8 < model_lib.flops_per_token(config, seq) / measured < 1.25
 

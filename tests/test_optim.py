@@ -1,15 +1,15 @@
-"""Optimizer groups from logical axes: tables get 5x the LR and no weight decay."""
+"""Optimizers: the backbone's from logical axes, Muon's RMS, the tables' row optimizer, clipping."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from engram_jax import configs, model, sharding
-from engram_jax.optim import OptimConfig, build_optimizer, muon_dimensions, param_labels, schedule
+from engram_jax.config_base import ConfigError
+from engram_jax.optim import OptimConfig, build_optimizer, clip_scale, muon_dimensions, schedule, table_optimizer
 
-AXES = {"table": ("engram_rows", "engram_dim"), "kernel": ("embed", "mlp"), "scale": ("embed",)}
+AXES = {"kernel": ("embed", "mlp"), "scale": ("embed",)}
 
 
 def one_update(config, params, grads):
@@ -18,24 +18,52 @@ def one_update(config, params, grads):
     return updates
 
 
-def test_tables_get_five_times_the_rate_and_no_weight_decay():
+def test_matrices_are_decayed_and_vectors_are_not():
     config = OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", clip_norm=0.0,
                          weight_decay=0.1, eps=1e-12)
     params = {k: jnp.full((4, 3) if len(a) == 2 else (3,), 2.0) for k, a in AXES.items()}
     grads = jax.tree.map(jnp.ones_like, params)
     updates = one_update(config, params, grads)
     # Adam's first step moves each weight by lr * g / |g| = lr; decoupled decay adds lr * wd * w.
-    np.testing.assert_allclose(updates["table"], -5 * 1e-2, rtol=1e-6)
     np.testing.assert_allclose(updates["kernel"], -1e-2 - 1e-2 * 0.1 * 2.0, rtol=1e-6)
-    np.testing.assert_allclose(updates["scale"], -1e-2, rtol=1e-6)  # vectors are not decayed
+    np.testing.assert_allclose(updates["scale"], -1e-2, rtol=1e-6)
 
 
-def test_model_tables_are_the_only_table_group():
+def test_tables_are_not_parameters_of_the_optax_optimizer():
     config = configs.get("tiny")
-    labels = param_labels(sharding.logical_axes(model.variable_shapes(config))["params"])
-    flat = {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
-    tables = {path for path, label in flat.items() if label == "table"}
-    assert tables == {(f"block_{i}", "engram", "table", "embedding") for i in config.engram.layer_ids}
+    axes = sharding.logical_axes(model.variable_shapes(config))["params"]
+    names = {names for names in jax.tree.leaves(axes, is_leaf=sharding.is_axes)}
+    assert ("engram_rows", "engram_dim") not in names
+
+
+def test_table_optimizer_follows_the_config():
+    row = table_optimizer(OptimConfig(table_algorithm="adagrad", eps=1e-6, table_weight_decay=0.01))
+    assert (row.algorithm, row.eps, row.weight_decay) == ("adagrad", 1e-6, 0.01)
+    assert table_optimizer(OptimConfig()).algorithm == "lazy_adam"  # the default
+    with pytest.raises(ConfigError, match="table_algorithm"):
+        OptimConfig(table_algorithm="adafactor")
+
+
+@pytest.mark.parametrize("shape", [(2560, 1536), (64, 512), (300, 40)])
+def test_muon_update_rms_is_a_fifth_of_the_learning_rate_whatever_the_shape(shape):
+    lr = 1e-2
+    tx = build_optimizer(OptimConfig(algorithm="muon", learning_rate=lr, warmup_steps=0, schedule="constant",
+                                     weight_decay=0.0), {"w": ("embed", "mlp")}, 10)
+    params = {"w": jnp.zeros(shape)}
+    grads = {"w": jax.random.normal(jax.random.key(0), shape)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    rms = float(jnp.sqrt(jnp.mean(updates["w"] ** 2)))
+    # Moonlight's RMS matching (AdamW's ~0.2); five Newton-Schulz steps leave singular
+    # values in about [0.7, 1.1], hence "about".
+    assert rms == pytest.approx(0.2 * lr, rel=0.25)
+
+
+def test_muon_without_rms_matching_shrinks_with_the_matrix():
+    tx = build_optimizer(OptimConfig(algorithm="muon", learning_rate=1.0, warmup_steps=0, schedule="constant",
+                                     weight_decay=0.0, muon_rms=0.0), {"w": ("embed", "mlp")}, 10)
+    params = {"w": jnp.zeros((2560, 1536))}
+    updates, _ = tx.update({"w": jax.random.normal(jax.random.key(0), (2560, 1536))}, tx.init(params), params)
+    assert float(jnp.sqrt(jnp.mean(updates["w"] ** 2))) < 0.05  # about 1 / sqrt(2560) of the rate
 
 
 @pytest.mark.parametrize("names, reduction, output", [
@@ -52,8 +80,8 @@ def test_muon_sees_kernels_as_input_by_output_matrices(names, reduction, output)
     assert as_tuple(dims.output_axis) == as_tuple(output)
 
 
-@pytest.mark.parametrize("names", [("embed",), ("vocab", "embed"), ("embed", "vocab"), ("engram_rows", "engram_dim")])
-def test_vectors_vocabulary_and_tables_stay_with_adam(names):
+@pytest.mark.parametrize("names", [("embed",), ("vocab", "embed"), ("embed", "vocab")])
+def test_vectors_and_vocabulary_stay_with_adam(names):
     assert muon_dimensions(names) is None
 
 
@@ -82,13 +110,7 @@ def test_cosine_ends_at_the_floor():
     assert float(lr(0)) == pytest.approx(2.0) and float(lr(50)) == pytest.approx(0.2)
 
 
-def test_gradients_are_clipped_by_global_norm_first():
-    config = OptimConfig(clip_norm=0.5, b1=0.9, warmup_steps=0, schedule="constant")
-    tx = build_optimizer(config, AXES, 10)
-    params = {k: jnp.zeros((4, 3) if len(a) == 2 else (3,)) for k, a in AXES.items()}
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
-    _, state = tx.update(grads, tx.init(params), params)
-    # Adam's first moment after one step is (1 - b1) * the gradient it saw: the clipped one.
-    moments = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-               if any(getattr(k, "name", None) == "mu" for k in path)]
-    assert float(optax.tree.norm(moments)) == pytest.approx(0.1 * 0.5, rel=1e-5)
+def test_clip_scale_caps_the_global_norm():
+    assert float(clip_scale(jnp.float32(4.0), 1.0)) == pytest.approx(0.25)
+    assert float(clip_scale(jnp.float32(0.5), 1.0)) == 1.0
+    assert float(clip_scale(jnp.float32(100.0), 0.0)) == 1.0  # 0 disables clipping

@@ -66,7 +66,7 @@ class Trained:
     """A restored model: its run config, tokenizer, hasher and variables."""
 
     def __init__(self, checkpoint: str | pathlib.Path, step: int | None = None):
-        from train.run import RunConfig  # train.run imports this module
+        from train.run import RunConfig, make_tables  # train.run imports this module
 
         path = pathlib.Path(checkpoint)
         if path.name.isdigit() and step is None:  # a step folder: runs/x/checkpoints/300
@@ -86,24 +86,34 @@ class Trained:
             lookup = compress_tokenizer(self.tokenizer, self.config.data.cache_root).lookup
             self.hasher = cfg.engram.make_hasher(lookup)
         self.mesh = sharding.make_mesh(self.config.mesh)
+        self.tables = make_tables(self.config, self.mesh)
         shapes = model_lib.variable_shapes(cfg)
         shardings = sharding.tree_shardings(self.mesh, sharding.logical_axes(shapes))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(shapes), shardings)
+        rows = self.tables.abstract_state().rows if self.tables else {}
         self.step = step if step is not None else checkpoints.latest_step()
-        self.variables = checkpoints.restore_model({"params": abstract["params"],
-                                                    "moe_bias": abstract.get("moe_bias", {})}, self.step)
+        restored = checkpoints.restore_model({"params": abstract["params"], "moe_bias": abstract.get("moe_bias", {}),
+                                              "tables": rows}, self.step)
         checkpoints.close()
+        self.variables = {"params": restored["params"], "moe_bias": restored["moe_bias"]}
+        self.rows = restored["tables"]
 
     def validate(self) -> dict:
-        evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model))
+        evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model, tables=self.tables))
         v = self.variables
         return Validation(self.config, self.tokenizer, self.hasher).metrics(
-            lambda batch: evaluate(v["params"], v["moe_bias"], batch), self.mesh)
+            lambda batch: evaluate(v["params"], v["moe_bias"], self.rows, batch), self.mesh)
+
+    def apply(self, tokens, hash_ids, mutable=False):
+        """The model on tokens [B, T] with their hash ids, the memory looked up from the tables."""
+        memory, _ = training.lookup(self.tables, self.rows, {"hash_ids": hash_ids})
+        return Model(self.config.model).apply(self.variables, tokens, memory, mutable=mutable)
 
     def encode(self, text: str) -> list[int]:
         """The prompt's ids after an end-of-document id, as documents start in training."""
-        return [data.eod_id(self.tokenizer)] + self.tokenizer.encode(text).ids
+        start = data.eod_id(self.tokenizer, self.config.data.eod_token)
+        return [start] + self.tokenizer.encode(text).ids
 
     def hash_window(self, tokens: list[int], position: int) -> dict[int, np.ndarray]:
         """Hash ids [H] of `position`, from it and the N - 1 tokens before it."""
@@ -119,7 +129,6 @@ class Trained:
         the unfilled tail does not matter) and writes the new token's hash ids, computed
         from it and the N - 1 tokens before it.
         """
-        cfg = self.config.model
         tokens = self.encode(prompt)
         length = len(tokens) + max_new_tokens
         buffer = np.zeros((1, length), np.int32)
@@ -128,11 +137,11 @@ class Trained:
         if self.hasher is not None:
             hash_ids = {k: np.concatenate([v, np.zeros((1, max_new_tokens, v.shape[-1]), v.dtype)], 1)
                         for k, v in self.hasher(buffer[:, : len(tokens)]).items()}
-        logits_at = jax.jit(lambda v, t, h, i: Model(cfg).apply(v, t, h)[0, i])
+        logits_at = jax.jit(lambda t, h, i: self.apply(t, h)[0, i])
         key = jax.random.key(seed)
-        end = data.eod_id(self.tokenizer)
+        end = data.eod_id(self.tokenizer, self.config.data.eod_token)
         for position in range(len(tokens), length):
-            logits = logits_at(self.variables, buffer, hash_ids, position - 1)
+            logits = logits_at(buffer, hash_ids, position - 1)
             if temperature > 0:
                 key, sub = jax.random.split(key)
                 token = int(jax.random.categorical(sub, logits / temperature))
@@ -152,7 +161,7 @@ class Trained:
             raise ValueError("this model has no Engram, so there are no gates to show")
         tokens = np.asarray([self.encode(prompt)], np.int32)
         hash_ids = self.hasher(tokens)
-        _, state = Model(self.config.model).apply(self.variables, tokens, hash_ids, mutable=["intermediates"])
+        _, state = self.apply(tokens, hash_ids, mutable=["intermediates"])
         gates = {int(path[0].split("_")[1]): np.asarray(gate[0])
                  for path, gate in training._module_values(state["intermediates"], "gate").items()}
         pieces = [self.tokenizer.decode([t]) for t in tokens[0]]

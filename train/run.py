@@ -31,6 +31,7 @@ from engram_jax.data import DataConfig
 from engram_jax.model import ModelConfig
 from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
+from engram_jax.table import Tables
 from train.evaluate import Validation
 
 log = logging.getLogger("engram_jax.train")
@@ -110,6 +111,14 @@ def _paper_run(name: str) -> RunConfig:
                      steps=steps, eval_every=1000, eval_batches=50, save_every=1000, log_every=20)
 
 
+def make_tables(config: RunConfig, mesh) -> Tables | None:
+    """The run's table engine on `mesh` (None for a model without Engram)."""
+    if config.model.engram is None:
+        return None
+    return Tables(config.model.engram, mesh, optim.table_optimizer(config.optim), shard_axes=config.mesh.table_axes,
+                  batch_axes=(sharding.DATA,))
+
+
 def run_preset(name: str) -> RunConfig:
     """The run preset `name`: a model preset of `engram_jax.configs` with its training setup."""
     if name not in configs.names():
@@ -179,24 +188,29 @@ class Run:
             self.hasher = config.model.engram.make_hasher(compression.lookup)
         self.validation = Validation(config, self.tokenizer, self.hasher)
         self.mesh = sharding.make_mesh(config.mesh)
+        self.tables = make_tables(config, self.mesh)
         shapes = model.variable_shapes(config.model)
         self.axes = sharding.logical_axes(shapes)
         self.schedule = optim.schedule(config.optim, config.steps)
         self.tx = optim.build_optimizer(config.optim, self.axes["params"], config.steps)
-        self._init = lambda: training.init_state(config.model, self.tx, jax.random.key(config.seed))
+        self._init = lambda: training.init_state(config.model, self.tx, self.tables, jax.random.key(config.seed))
         self.abstract_state = jax.eval_shape(self._init)
         self.state_sharding = self._state_sharding()
         bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
         self.train_step, self.eval_step = training.jit_steps(
-            config.model, self.tx, self.schedule, bias_rate, self.state_sharding, sharding.batch_sharding(self.mesh))
+            config.model, self.tx, self.tables, self.schedule, bias_rate,
+            table_lr_multiplier=config.optim.table_lr_multiplier, clip_norm=config.optim.clip_norm,
+            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh))
 
     def _state_sharding(self):
-        """Params and optimizer moments follow the params' logical axes; scalars replicate."""
+        """Params and optimizer moments follow the params' logical axes; tables their
+        placement; scalars replicate."""
         params = sharding.tree_shardings(self.mesh, self.axes["params"])
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         opt = sharding.like_params(self.abstract_state.opt_state, params, replicated)  # moments follow params
         bias = jax.tree.map(lambda _: replicated, self.abstract_state.moe_bias)
-        return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt)
+        tables = self.tables.shardings() if self.tables else self.abstract_state.tables
+        return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt, tables=tables)
 
     def init_state(self) -> training.TrainState:
         return jax.jit(self._init, out_shardings=self.state_sharding)()

@@ -1,0 +1,283 @@
+"""The Engram table engine: traffic, memory and step time against table size and placement.
+
+Parts (`--parts`, default all), each printed as one JSON object:
+- `traffic`: `tiny`'s train step compiled for 8 simulated devices (data 4 x model 2,
+  tables over all 8) at 1x, 4x and 16x the rows: bytes moved by collectives per step
+  (from the partitioned HLO) and per-device bytes of tables plus slots.
+- `lookup`: the two lookups the issue names, compiled for tiny's ids on 8 devices:
+  all-to-all in fixed-capacity buckets (the engine's) against all-gather of ids, a
+  masked local gather and a reduce-scatter; bytes and time.
+- `dedup`: the share of ids left after de-duplication on each device, on real text
+  (the standard-library corpus `tiny` trains on), for 1 and 8 devices.
+- `scaling`: step time of `tiny` on one device at 1x, 16x and 256x the rows with
+  `lazy_adam` and dense `adam`, and the largest `adagrad` table tried.
+- `placement`: host against device placement of the tables: step time and the
+  compiled program's device and host memory, at 1x and 16x the rows.
+- `schedule`: where the table gather lands in the compiled step's schedule.
+
+    python benchmarks/bench_tables.py [--parts traffic,lookup,...] [--steps 10]
+
+On CPU all "devices" share the same RAM and cores: compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from engram_jax import configs, hlo, model, optim, sharding, training  # noqa: E402
+from engram_jax.table import Tables  # noqa: E402
+
+BATCH, SEQ = 16, 128  # tiny's training shape
+
+
+def tiny(scale: int = 1, placement: str = "device", table_dtype: str = "float32"):
+    base = configs.get("tiny")
+    engram = base.engram.replace(table_sizes=tuple(s * scale for s in base.engram.table_sizes),
+                                 placement=placement, table_dtype=table_dtype)
+    return base.replace(engram=engram)
+
+
+def mesh_of(shape):
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+class Step:
+    """tiny's jitted train step on a mesh, with its state's shardings."""
+
+    def __init__(self, config, algorithm="lazy_adam", mesh_shape=(1, 1)):
+        self.config, self.mesh = config, mesh_of(mesh_shape)
+        oc = optim.OptimConfig(learning_rate=6e-3, warmup_steps=0, schedule="constant", table_algorithm=algorithm)
+        self.tables = Tables(config.engram, self.mesh, optim.table_optimizer(oc), batch_axes=("data",))
+        axes = sharding.logical_axes(model.variable_shapes(config))["params"]
+        self.tx = optim.build_optimizer(oc, axes, 100)
+        self._init = functools.partial(training.init_state, config, self.tx, self.tables, jax.random.key(0))
+        abstract = jax.eval_shape(self._init)
+        params = sharding.tree_shardings(self.mesh, axes)
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        self.sharding = training.TrainState(step=rep, params=params,
+                                            moe_bias=jax.tree.map(lambda _: rep, abstract.moe_bias),
+                                            opt_state=sharding.like_params(abstract.opt_state, params, rep),
+                                            tables=self.tables.shardings())
+        self.abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                     abstract, self.sharding)
+        self.train, _ = training.jit_steps(config, self.tx, self.tables, optim.schedule(oc, 100), 0.01,
+                                           table_lr_multiplier=5.0, clip_norm=1.0, state_sharding=self.sharding,
+                                           batch_sharding=sharding.batch_sharding(self.mesh))
+
+    def batch(self, seed=0):
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, self.config.vocab_size, (BATCH, SEQ + 1))
+        hasher = self.config.engram.make_hasher(np.arange(self.config.vocab_size))
+        local = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+                 "hash_ids": hasher(tokens[:, :-1])}
+        return sharding.global_batch(self.mesh, local)
+
+    def abstract_batch(self):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.batch())
+
+    def compile(self):
+        return self.train.lower(self.abstract, self.abstract_batch()).compile()
+
+    def state(self):
+        """A state whose tables are zeros: as fast to make as the memory is to touch
+        (drawing gigabytes of normal numbers takes minutes on 2 cores; timing is the same)."""
+
+        def make():
+            state = self._init()
+            zeros = jax.tree.map(jnp.zeros_like, state.tables)
+            return state.replace(tables=zeros)
+
+        return jax.jit(make, out_shardings=self.sharding)()
+
+    def time(self, steps: int) -> dict:
+        state, batches = self.state(), [self.batch(s) for s in range(3)]
+        start = time.perf_counter()
+        state, _ = self.train(state, batches[0])
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+        samples = []
+        for i in range(steps):
+            start = time.perf_counter()
+            state, metrics = self.train(state, batches[i % 3])
+            jax.block_until_ready(state)
+            samples.append(time.perf_counter() - start)
+        del state
+        gc.collect()
+        return {"ms_per_step": round(1e3 * float(np.median(samples)), 1), "first_step_s": round(compile_s, 1)}
+
+
+def table_bytes(step: Step) -> dict:
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(step.abstract.tables))
+    per_device = sum(np.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
+                     for s in jax.tree.leaves(step.abstract.tables))
+    return {"table_and_slot_bytes_total": int(total), "table_and_slot_bytes_per_device": int(per_device)}
+
+
+def part_traffic(args) -> dict:
+    out = {}
+    for scale in (1, 4, 16):
+        step = Step(tiny(scale), mesh_shape=(4, 2))
+        compiled = step.compile()
+        text = compiled.as_text()
+        traffic = hlo.collective_bytes(text)
+        out[f"{scale}x"] = {"table_params": step.config.engram.table_params, "collective_result_bytes": traffic,
+                            "collective_result_bytes_total": sum(traffic.values()),
+                            **table_bytes(step),
+                            "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes}
+    return out
+
+
+def _lookup_gather_scatter(tables: Tables, rows, flat_ids, layout):
+    """The alternative lookup: all-gather every device's unique ids, each shard gathers
+    the rows it owns (others masked to 0), a reduce-scatter sums them back to their
+    requesters. Same de-duplication as the engine's."""
+    everywhere = PartitionSpec(tables.axes)
+
+    def local(table, ids):
+        inverse, _, _, unique, _ = tables._plan(ids, layout, ids.shape[0])
+        everyone = jax.lax.all_gather(unique, tables.axes, tiled=True)  # [D * U]
+        local_row = everyone - jax.lax.axis_index(tables.axes) * layout.rows_per_shard
+        mine = (everyone >= 0) & (local_row >= 0) & (local_row < layout.rows_per_shard)
+        found = jnp.where(mine[:, None], table[jnp.where(mine, local_row, 0)], 0)  # [D * U, Dh]
+        back = jax.lax.psum_scatter(found, tables.axes, tiled=True)  # [U, Dh]
+        return back.at[inverse].get(mode="fill", fill_value=0)
+
+    return jax.shard_map(local, mesh=tables.mesh, in_specs=(PartitionSpec(tables.axes, None), everywhere),
+                         out_specs=PartitionSpec(tables.axes, None))(rows, flat_ids)
+
+
+def part_lookup(args) -> dict:
+    step = Step(tiny(1), mesh_shape=(4, 2))
+    tables, layer = step.tables, step.config.engram.layer_ids[0]
+    layout = tables.layouts[layer]
+    state = step.state()
+    rows = state.tables.rows[f"layer_{layer}"]
+    ids = tables.global_ids(step.batch()["hash_ids"])[layer]
+    flat, _ = tables._flat(ids, -1)
+    variants = {"all_to_all_buckets": jax.jit(lambda r, i: tables._lookup_layer(r, i, layout)[0]),
+                "all_gather_reduce_scatter": jax.jit(lambda r, i: _lookup_gather_scatter(tables, r, i, layout))}
+    out = {}
+    results = {}
+    for name, fn in variants.items():
+        compiled = fn.lower(rows, flat).compile()
+        results[name] = np.asarray(fn(rows, flat))
+        samples = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(rows, flat))
+            samples.append(time.perf_counter() - start)
+        traffic = hlo.collective_traffic(compiled.as_text())
+        out[name] = {"bytes_sent_per_device": traffic, "bytes_sent_per_device_total": sum(traffic.values()),
+                     "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+                     "ms": round(1e3 * float(np.median(samples)), 2)}
+    out["same_rows"] = bool(np.array_equal(*results.values()))
+    out["ids_per_device"] = int(flat.shape[0] // tables.devices)
+    return out
+
+
+def part_dedup(args) -> dict:
+    from engram_jax import data
+    from engram_jax.compression import compress_tokenizer
+    from train.run import run_preset
+
+    run = run_preset("tiny")
+    tokenizer = data.load_tokenizer(run.data)
+    hasher = run.model.engram.make_hasher(compress_tokenizer(tokenizer, run.data.cache_root).lookup)
+    iterator = data.Pipeline(run.data, tokenizer, hasher, "train").iterator(20)
+    config = run.model.engram
+    shares = {1: [], 8: []}
+    try:
+        for batch in iterator:
+            for layer in config.layer_ids:
+                offsets = np.concatenate([[0], np.cumsum(config.head_sizes(layer))[:-1]])
+                ids = (batch["hash_ids"][layer] + offsets).reshape(-1)
+                for devices in shares:
+                    parts = np.split(ids, devices)
+                    shares[devices].append(sum(len(np.unique(p)) for p in parts) / ids.size)
+    finally:
+        iterator.close()
+    return {f"{d}_devices": {"fetched_share": round(float(np.mean(v)), 4),
+                             "dedup_ratio": round(1 / float(np.mean(v)), 3)} for d, v in shares.items()} | {
+        "batches": 20, "batch": [run.data.batch_size, run.data.seq_len], "source": "Python standard library"}
+
+
+def part_scaling(args) -> dict:
+    out = {}
+    for algorithm, scales in (("lazy_adam", (1, 16, 256)), ("adam", (1, 16, 256)), ("adagrad", (1, 512))):
+        for scale in scales:
+            name = f"{algorithm}_{scale}x"
+            step = Step(tiny(scale), algorithm)
+            try:
+                out[name] = {"table_params": step.config.engram.table_params, **table_bytes(step),
+                             **step.time(args.steps)}
+            except Exception as err:  # noqa: BLE001 - out of memory is a result here
+                out[name] = {"table_params": step.config.engram.table_params, "error": str(err).splitlines()[0][:200]}
+            print(json.dumps({name: out[name]}), flush=True)
+            gc.collect()
+    base = out["lazy_adam_1x"]["ms_per_step"]
+    for r in out.values():
+        if "ms_per_step" in r:
+            r["vs_lazy_adam_1x"] = round(r["ms_per_step"] / base, 3)
+    return out
+
+
+def part_placement(args) -> dict:
+    out = {}
+    for scale in (1, 16):
+        for placement in ("device", "host"):
+            step = Step(tiny(scale, placement), mesh_shape=(1, 1))
+            m = step.compile().memory_analysis()
+            out[f"{placement}_{scale}x"] = {
+                **step.time(args.steps),
+                "device_argument_bytes": m.argument_size_in_bytes, "device_temp_bytes": m.temp_size_in_bytes,
+                "host_argument_bytes": m.host_argument_size_in_bytes, "host_temp_bytes": m.host_temp_size_in_bytes}
+        out[f"host_vs_device_{scale}x"] = round(out[f"host_{scale}x"]["ms_per_step"]
+                                                / out[f"device_{scale}x"]["ms_per_step"], 3)
+    return out
+
+
+def part_schedule(args) -> dict:
+    out = {}
+    for placement in ("device", "host"):
+        text = Step(tiny(1, placement), mesh_shape=(4, 2)).compile().as_text()
+        entry = hlo.instructions(text[text.index("\nENTRY"):])
+        lookups = [i for i, (_, _, op) in enumerate(entry) if op in ("all-to-all", "all-to-all-start")]
+        dots = [i for i, (name, _, op) in enumerate(entry) if op in ("dot", "convolution")
+                or (op == "fusion" and ("dot" in name or "convolution" in name))]
+        out[placement] = {"instructions": len(entry), "first_lookup_all_to_all": lookups[0] if lookups else None,
+                          "lookup_all_to_alls": len(lookups), "first_matmul": dots[0] if dots else None}
+    return out
+
+
+PARTS = {"traffic": part_traffic, "lookup": part_lookup, "dedup": part_dedup, "scaling": part_scaling,
+         "placement": part_placement, "schedule": part_schedule}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    machine = {"backend": jax.default_backend(), "devices": jax.device_count(), "cpu": platform.processor()
+               or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__}
+    for part in args.parts.split(","):
+        print(json.dumps({"benchmark": f"tables/{part}", "machine": machine, "results": PARTS[part](args)},
+                         indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
