@@ -45,22 +45,21 @@ def measure(config, batch: int, seq: int, repeats: int) -> dict:
     moe_bias = variables.get("moe_bias", {})
     tables = rows = None
     if config.engram is not None:  # one device; the lookup and its gradient are in the step
-        tables = Tables(config.engram, jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), RowOptimizer())
-        rows = jax.jit(tables.init)(jax.random.key(1)).rows
-
-    def loss(p, memory):
-        return training.forward(config, p, moe_bias, data, memory)[0]
+        mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+        tables = Tables(config.engram, mesh, RowOptimizer())
+        rows = jax.jit(tables.init, out_shardings=tables.shardings())(jax.random.key(1)).rows
 
     @jax.jit
-    def step(p, rows):  # gradients of the params and of the rows read, as in the train step
-        memory, _ = training.lookup(tables, rows, data)
+    def step(p, rows, batch):  # gradients of the params and of the rows read, as in the train step
+        memory, _ = training.lookup(tables, rows, batch)
+        loss = lambda p, memory: training.forward(config, p, moe_bias, batch, memory)[0]  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1))(p, memory)
 
-    jax.block_until_ready(step(params, rows))
+    jax.block_until_ready(step(params, rows, data))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(params, rows))
+        jax.block_until_ready(step(params, rows, data))
         samples.append(time.perf_counter() - start)
     seconds = float(np.median(samples))
     return {"params": model.count_params(config).total, "ms_per_step": round(seconds * 1e3, 1),

@@ -2,12 +2,14 @@
 Attention (MLA: DeepSeek-V2 section 2.1, DeepSeek-V3 section 2.1.1).
 
 Shapes: B batch, T time, D model width, H query heads, Hkv key/value heads. R is the
-rotary embedding at positions 0..T-1 (`apply_rope`). No biases anywhere (DeepSeek has none).
+rotary embedding (`apply_rope`) at each token's position: 0..T-1, or, for windows that
+pack several documents, its position within its document. No biases anywhere (DeepSeek
+has none).
 
 MHA / GQA, head width d; query head h reads key/value head j = h // (H / Hkv):
 
     q_h = R(x W_q^h)    k_j = R(x W_k^j)    v_j = x W_v^j       W_q [D, H, d]; W_k, W_v [D, Hkv, d]
-    o_h = softmax(q_h k_j^T / sqrt(d) + causal mask) v_j
+    o_h = softmax(q_h k_j^T / sqrt(d) + mask) v_j
     y   = sum_h o_h W_o^h                                        W_o [H, d, D]
 
 MLA, widths d_n (no rotary), d_r (rotary), d_v (value), ranks r_q, r_kv:
@@ -16,8 +18,11 @@ MLA, widths d_n (no rotary), d_r (rotary), d_v (value), ranks r_q, r_kv:
     [c_kv, k_rope]       = x W_dkv                    W_dkv [D, r_kv + d_r]
     [k_nope_h, v_h]      = RMSNorm(c_kv) W_ukv^h      W_ukv [r_kv, H, d_n + d_v]
     q_h = [q_nope_h, R(q_rope_h)]    k_h = [k_nope_h, R(k_rope)]  (one rotary key for all heads)
-    o_h = softmax(q_h k_h^T / sqrt(d_n + d_r) + causal mask) v_h
+    o_h = softmax(q_h k_h^T / sqrt(d_n + d_r) + mask) v_h
     y   = sum_h o_h W_o^h                             W_o [H, d_v, D]
+
+The mask lets query t see key s iff s <= t and, given segment ids, seg_s = seg_t: a
+token of a packed window attends only to earlier tokens of its own document.
 
 The keys and values are expanded per head (the training form); the absorbed,
 latent-cache form of MLA is an inference optimisation and not implemented here.
@@ -153,8 +158,12 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float) -> jnp.ndar
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """softmax(q k^T * scale + causal mask) v through `jax.nn.dot_product_attention`.
+def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float,
+                      segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """softmax(q k^T * scale + mask) v through `jax.nn.dot_product_attention`.
+
+    The mask is causal and, with segment ids, also keeps each query to the keys of its
+    own segment (its document). A query always sees itself, so no row is fully masked.
 
     GQA needs nothing here: with Hkv < H key/value heads it groups query heads
     h = j * (H / Hkv) + g onto head j. But the value must have the key's shape
@@ -166,6 +175,7 @@ def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: flo
     Args:
       q: [B, T, H, d_qk]; k: [B, T, Hkv, d_qk]; v: [B, T, Hkv, d_v].
       scale: multiplier of the scores.
+      segment_ids: [B, T] integer document of each token, or None for one document.
 
     Returns:
       [B, T, H, d_v].
@@ -176,7 +186,11 @@ def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: flo
     def pad(a):
         return a if a.shape[-1] == width else jnp.pad(a, [(0, 0)] * 3 + [(0, width - a.shape[-1])])
 
-    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale, is_causal=True)  # [B, T, H, width]
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]: ANDed with causal
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask, scale=scale,
+                                       is_causal=True)  # [B, T, H, width]
     return out[..., :d_v]
 
 
@@ -239,11 +253,16 @@ class Attention(nn.Module):
         return q, k, kv[..., n:], 1 / math.sqrt(n + r)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Attends each position to itself and the positions before it.
+    def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Attends each position to itself and the positions before it (in its segment).
 
         Args:
           x: [B, T, D] hidden states.
+          segment_ids: [B, T] integer document of each token; None: the row is one
+            document.
+          positions: [B, T] integer rotary position of each token (its index within its
+            document, for packed windows); None: 0..T-1.
 
         Returns:
           [B, T, D] in `dtype`.
@@ -251,11 +270,16 @@ class Attention(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"Attention: x must be [B, T, D], got shape {x.shape}")
         chex.assert_type(x, float)
+        for name, ids in (("segment_ids", segment_ids), ("positions", positions)):
+            if ids is not None:
+                chex.assert_shape(ids, x.shape[:2], custom_message=f"Attention: {name} must be [B, T]")
+                chex.assert_type(ids, int, custom_message=f"Attention: {name} must be integers")
         cfg = self.config
         x = x.astype(self.dtype)
-        positions = jnp.arange(x.shape[1])  # [T]
+        if positions is None:
+            positions = jnp.arange(x.shape[1])  # [T]
         qkv = self._mha_qkv if cfg.kind == "mha" else self._mla_qkv
         q, k, v, scale = qkv(x, positions)
-        out = _causal_attention(q, k, v, scale)  # [B, T, H, d_v]
+        out = _causal_attention(q, k, v, scale, segment_ids)  # [B, T, H, d_v]
         w_o = self._kernel("out", (cfg.num_heads, cfg.value_head_dim, x.shape[-1]), (HEADS, HEAD_DIM, EMBED), n_in=2)
         return jnp.einsum("bthk,hkd->btd", out, w_o)  # [B, T, D]

@@ -10,14 +10,20 @@ Each step folder holds the items
 Evaluation restores `model` alone. Tables restore onto another device count or
 placement: their padded row count depends on the number of shards, and the padding
 rows (never addressed, always zero) are added or cut on restore. Nothing is pickled.
-Problems (no checkpoint, a corrupt one, one written by another model config or by an
-engram-jax whose tables were plain parameters) raise `CheckpointError` with the path
-and the reason.
+Problems (no checkpoint, one written by another model config or by an engram-jax whose
+tables were plain parameters) raise `CheckpointError` with the path and the reason; a
+step that cannot be read (corrupt or truncated files) raises its subclass
+`UnreadableCheckpoint`, so that callers can turn to another step (`set_aside` moves the
+bad one out of Orbax's sight, keeping it on disk).
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import re
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -31,6 +37,71 @@ MODEL, OPT, DATA, CONFIG = "model", "opt", "data", "config"
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A step whose files cannot be read (corrupt or truncated), with `step`, `path` and `reason`."""
+
+    def __init__(self, step: int, path: pathlib.Path, reason: str):
+        super().__init__(f"{path} cannot be read: {reason}")
+        self.step, self.path, self.reason = step, path, reason
+
+
+def _describe(err: BaseException, limit: int = 600) -> str:
+    """One line: `err` and the exceptions that caused it, without TensorStore's spec dumps."""
+    parts: list[str] = [type(err).__name__]
+    while err is not None and len(parts) < 4:
+        text = " ".join(re.split(r" \[tensorstore_spec|\. See full TensorStore details", str(err))[0].split())
+        if text and not any(text in part for part in parts[1:]):
+            parts.append(text)
+        err = err.__cause__
+    line = ": ".join(parts)
+    return line if len(line) <= limit else line[: limit // 2] + " ... " + line[-limit // 2:]
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# Orbax warns (absl) about every read-only manager; evaluation opens them so on purpose.
+_READ_ONLY_NOTICE = _DropMessage("Given directory is read only")
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """Whether an unraisable error is a callback meeting an event loop that is already closed."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        return False
+    frames = [frame.name for frame in traceback.extract_tb(unraisable.exc_traceback)]
+    return frames[-2:] == ["call_soon_threadsafe", "_check_closed"]
+
+
+def _quiet_reads_of_failed_restores() -> None:
+    """Drops the "Event loop is closed" tracebacks that a failed restore leaves behind.
+
+    Orbax runs a restore on a fresh asyncio loop and closes the loop as soon as one read
+    fails. TensorStore finishes the other reads later, on its own threads, and each
+    done-callback then calls `call_soon_threadsafe` on the closed loop: Python prints
+    the RuntimeError as unraisable, dozens of tracebacks after the one error that
+    matters (which the caller has already received). Only that exception, raised from
+    that call, is dropped; every other one reaches the previous hook. Installed before
+    the first restore (the loop is closed before the error reaches us) and kept, since
+    the callbacks come late.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def _short(value: Any) -> str:
@@ -58,6 +129,7 @@ class Checkpoints:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
         if read_only:  # nothing to keep or save (Orbax warns about any other value)
+            logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)  # added once: filters are a set
             options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False,
                                                    read_only=True)
         else:
@@ -81,11 +153,8 @@ class Checkpoints:
 
     def read_config(self, step: int | None = None) -> dict:
         """The run config saved with `step` (default: the latest)."""
-        step = self._step(step)
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-        except Exception as err:  # orbax raises many types; name the path and the cause
-            raise CheckpointError(f"cannot read the config of {self.directory}/{step}: {err}") from err
+        step = self.resolve(step)
+        return self._restore(step, {CONFIG: ocp.args.JsonRestore()})[CONFIG]
 
     def check_config(self, current: dict, step: int | None = None, key: str = "model") -> None:
         """Raises CheckpointError if the saved config's `key` part differs from `current`'s."""
@@ -97,11 +166,12 @@ class Checkpoints:
 
     def restore(self, abstract_state, step: int | None = None, data_iterator=None):
         """Restores the full train state (and the data iterator in place)."""
-        step = self._step(step)
+        step = self.resolve(step)
         # strict=False: tables take the padded row count of the current shards.
         items = {MODEL: ocp.args.StandardRestore(_model_item(abstract_state), strict=False),
                  OPT: ocp.args.StandardRestore({"dense": abstract_state.opt_state,
-                                                "table_slots": abstract_state.tables.slots}, strict=False)}
+                                                "table_slots": abstract_state.tables.slots}, strict=False),
+                 CONFIG: ocp.args.JsonRestore()}  # read too, so that a step is intact only if all of it reads
         if data_iterator is not None:
             items[DATA] = data.restore_args(data_iterator)
         restored = self._restore(step, items)
@@ -114,7 +184,7 @@ class Checkpoints:
     def restore_model(self, abstract_variables: dict, step: int | None = None) -> dict:
         """Restores only `{"params", "moe_bias", "tables"}` (table rows, without their
         optimizer slots): no optimizer state is read."""
-        step = self._step(step)
+        step = self.resolve(step)
         return self._restore(step, {MODEL: ocp.args.StandardRestore(abstract_variables, strict=False)})[MODEL]
 
     def wait(self) -> None:
@@ -123,7 +193,29 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
-    def _step(self, step: int | None) -> int:
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Renames step folder `step` to `<step>.corrupt`, a name Orbax does not take for a step.
+
+        The files stay on disk for inspection, but Orbax no longer counts the step: left
+        in place, it would be the run's latest checkpoint, so Orbax would skip every save
+        up to it and refuse to write that step again.
+        """
+        source = self.directory / str(step)
+        target, n = source.with_name(f"{step}.corrupt"), 1
+        while target.exists():  # set aside before, in an earlier fallback
+            n += 1
+            target = source.with_name(f"{step}.corrupt{n}")
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"engram_jax set aside checkpoint {step}")
+        self.manager.reload()
+        return target
+
+    def resolve(self, step: int | None) -> int:
+        """`step`, checked to exist, or the latest step when None."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -134,6 +226,7 @@ class Checkpoints:
         return step
 
     def _restore(self, step: int, items: dict) -> dict:
+        _quiet_reads_of_failed_restores()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # corrupt files, shape or structure mismatch, missing items
@@ -142,15 +235,16 @@ class Checkpoints:
                     f"{self.directory}/{step} was written by an engram-jax whose Engram tables were model "
                     "parameters (params/.../engram/table/embedding); this version keeps them as table state "
                     "and cannot read it: evaluate it with engram-jax 0.1.0 or train again") from None
-            raise CheckpointError(f"cannot restore {self.directory}/{step}: {type(err).__name__}: {err}") from err
+            raise UnreadableCheckpoint(step, self.directory / str(step), _describe(err)) from err
 
     def _tables_were_params(self, step: int) -> bool:
         """Whether `step` holds the old layout, a table inside the parameters."""
         metadata = self.directory / str(step) / MODEL / "_METADATA"
         try:
-            return '"table"' in metadata.read_text() and '"tables"' not in metadata.read_text()
-        except OSError:
+            text = metadata.read_text()
+        except (OSError, UnicodeDecodeError):  # missing, or corrupt itself
             return False
+        return '"table"' in text and '"tables"' not in text
 
 
 def _model_item(state) -> dict:

@@ -11,6 +11,20 @@ pair of exactly one window; the tail is dropped. For window x of T + 1 tokens:
 The end-of-document token is `DataConfig.eod_token`, or the first of _EOD_CANDIDATES
 that the tokenizer knows.
 
+A window usually holds the end of one document and the start of the next. With
+`DataConfig.segment_ids` (the default) the batch also carries, for input position t,
+
+    segment_ids[t] = #{s <= t : inputs[s] = e}
+    positions[t]   = t - (the latest s <= t with inputs[s] = e, or 0)
+
+so that attention stays within a document and its rotary positions restart at 0, as
+packed training does elsewhere. As an input the EOD opens the next document (a
+beginning-of-document token at position 0, as `Trained.encode` starts a prompt); as a
+target it stays the last prediction of the document it ends. A document cut by the
+window's start begins at position 0 there. Engram is left as DeepSeek's reference has
+it: its hashed n-grams (and short conv) read across the boundary, so the first tokens of
+a document see the last tokens of the previous one through Engram only.
+
 Grain runs the rest on `MapDataset`s, so every element has an index and the iterator's
 state is one integer: training reads windows in a seeded permutation that is redrawn
 each epoch (`shuffle(seed).repeat()`: epoch k uses seed + k), process p of P takes
@@ -101,6 +115,11 @@ class DataConfig(Config):
         `<eos>` that the tokenizer has.
       seq_len: T, tokens per training sequence; each window holds T + 1 and the next
         starts T tokens later.
+      segment_ids: batches carry "segment_ids" and "positions" [B, T], so that the
+        model's attention is masked to each document and RoPE positions restart at
+        every end-of-document token (which opens the next document); False lets
+        attention cross documents with positions 0..T-1. Engram's n-grams read across
+        documents either way (as the reference).
       batch_size: B, the global batch size.
       val_fraction: share of files (or records) held out for validation.
       seed: seed of the shuffle (0 <= seed < 2**32, as Grain requires).
@@ -114,6 +133,7 @@ class DataConfig(Config):
     vocab_size: int = 4096
     eod_token: str = ""
     seq_len: int = 256
+    segment_ids: bool = True
     batch_size: int = 16
     val_fraction: float = 0.05
     seed: int = 0
@@ -457,17 +477,40 @@ class _Windows:
             self.tokens = np.load(self.path, mmap_mode="r", allow_pickle=False)
 
 
-class _MakeBatch(grain.transforms.Map):
-    """Windows [B, T + 1] -> {"inputs", "targets": [B, T], "hash_ids": {layer: [B, T, H]}}."""
+def document_ids(inputs: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions of packed documents (see the module docstring).
 
-    def __init__(self, hasher: NgramHasher | None):
+    Args:
+      inputs: [B, T] token ids; each `eod` opens the next document.
+      eod: the end-of-document id.
+
+    Returns:
+      (segment_ids, positions), int32 [B, T]: the number of EODs up to each token, and
+      its index within its document (0 at the row's start and at each EOD).
+    """
+    starts = inputs == eod  # [B, T]
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)  # [B, T]
+    t = np.arange(inputs.shape[1], dtype=np.int32)
+    start = np.maximum.accumulate(np.where(starts, t, 0), axis=1)  # [B, T]: latest start <= t
+    return segment_ids, (t - start).astype(np.int32)
+
+
+class _MakeBatch(grain.transforms.Map):
+    """Windows [B, T + 1] -> {"inputs", "targets": [B, T], "hash_ids": {layer: [B, T, H]}},
+    and "segment_ids", "positions" [B, T] when `eod` is given."""
+
+    def __init__(self, hasher: NgramHasher | None, eod: int | None = None):
         self.hasher = hasher
+        self.eod = eod
 
     def map(self, windows: np.ndarray) -> dict:
         inputs = np.ascontiguousarray(windows[:, :-1])  # [B, T]
         targets = np.ascontiguousarray(windows[:, 1:])  # [B, T]
         hash_ids = self.hasher(inputs) if self.hasher is not None else {}
-        return {"inputs": inputs, "targets": targets, "hash_ids": hash_ids}
+        batch = {"inputs": inputs, "targets": targets, "hash_ids": hash_ids}
+        if self.eod is not None:
+            batch["segment_ids"], batch["positions"] = document_ids(inputs, self.eod)
+        return batch
 
 
 def _process_defaults(index: int | None, count: int | None) -> tuple[int, int]:
@@ -495,7 +538,8 @@ class Pipeline:
     Attributes:
       dataset: `grain.MapDataset` of batch dicts: "inputs" and "targets" int32
         [B_local, T], "hash_ids" {layer_id: int32 [B_local, T, H]} (empty without a
-        hasher); B_local = batch_size // process_count.
+        hasher), and with `config.segment_ids` "segment_ids" and "positions" int32
+        [B_local, T] (`document_ids`); B_local = batch_size // process_count.
       num_windows: W = (N - 1) // T, windows of T + 1 tokens (stride T) in the split.
     """
 
@@ -532,7 +576,8 @@ class Pipeline:
             ds = ds[:whole]  # every process gets the same number of batches
         ds = ds[index::count]
         ds = ds.batch(self.local_batch_size, drop_remainder=True)  # [B_local, T + 1]
-        self.dataset = ds.map(_MakeBatch(hasher))
+        eod = eod_id(tokenizer, config.eod_token) if config.segment_ids else None
+        self.dataset = ds.map(_MakeBatch(hasher, eod))
 
     @property
     def num_batches(self) -> int | None:

@@ -73,6 +73,9 @@ class EngramConfig(Config):
       lookup_capacity_factor: size of the lookup's all-to-all buckets relative to an
         even split of a device's ids over the shards; 0 sizes them so that no id can
         ever be dropped (see `table.py`).
+      hash_on_device: hash inside the jitted step (`NgramHasher.on_device`, bit-equal
+        to the host hasher) instead of in the input pipeline; batches then carry only
+        tokens.
     """
 
     layer_ids: tuple[int, ...] = (1, 15)
@@ -96,6 +99,7 @@ class EngramConfig(Config):
     placement: str = "device"
     table_dtype: str = "float32"
     lookup_capacity_factor: float = 2.0
+    hash_on_device: bool = False
 
     def validate(self) -> None:
         self.check(len(self.layer_ids) > 0, "layer_ids", "needs at least one layer")

@@ -10,6 +10,10 @@ residual stream):
     X <- H_res X + H_post^T Attention(RMSNorm(H_pre X))
     X <- H_res X + H_post^T FFN(RMSNorm(H_pre X))        dense MLP or DeepSeekMoE
 
+Windows that pack several documents pass segment ids and positions [B, T]: attention
+then stays within each document and its rotary positions restart there. Engram reads
+across the boundary (its n-grams and short conv), as DeepSeek's reference does.
+
 Engram's hash ids arrive with the batch, one [B, T, H] array per Engram layer; they
 are computed on the host by `NgramHasher` in the input pipeline (paper section 2.5).
 The tables are not parameters of this model: the train step looks the rows up first
@@ -130,8 +134,10 @@ class Block(nn.Module):
         return mhc.write(x, h_res, h_post, f(mhc.read(h_pre, x)))
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None) -> jnp.ndarray:
-        """[B, T, G, D] -> [B, T, G, D]; memory [B, T, d_mem] at Engram layers."""
+    def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None, segment_ids: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None) -> jnp.ndarray:
+        """[B, T, G, D] -> [B, T, G, D]; memory [B, T, d_mem] at Engram layers; segment_ids and
+        positions [B, T] (or None) for attention."""
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         if cfg.has_engram(self.layer):
@@ -142,7 +148,8 @@ class Block(nn.Module):
                 x = self.sublayer(x, lambda h: engram(h, memory), "engram")
 
         attention = Attention(cfg.attention, dtype, param_dtype, name="attention")
-        x = self.sublayer(x, lambda h: attention(_norm(cfg, "attention_norm")(h)), "attention")
+        x = self.sublayer(x, lambda h: attention(_norm(cfg, "attention_norm")(h), segment_ids, positions),
+                          "attention")
         if cfg.is_moe(self.layer):
             ffn = MoE(cfg.moe, dtype, param_dtype, name="moe")
         else:
@@ -156,13 +163,18 @@ class Model(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None) -> jnp.ndarray:
+    def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
+                 segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None) -> jnp.ndarray:
         """Next-token logits.
 
         Args:
           tokens: [B, T] integer token ids.
           memory: `{layer_id: [B, T, d_mem]}` memory vectors (the table rows of the
             layer's hash ids), one entry per Engram layer; required with Engram.
+          segment_ids: [B, T] integer document of each token (packed windows): attention
+            stays within a document. None: each row is one document.
+          positions: [B, T] integer position of each token within its document, for
+            RoPE. None: 0..T-1.
 
         Returns:
           [B, T, V] float32 logits.
@@ -170,6 +182,10 @@ class Model(nn.Module):
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an integer [B, T] array, got {tokens.dtype} {tokens.shape}")
+        for name, ids in (("segment_ids", segment_ids), ("positions", positions)):
+            if ids is not None and (ids.shape != tokens.shape or not jnp.issubdtype(ids.dtype, jnp.integer)):
+                raise ValueError(f"{name} must be an integer array shaped like tokens {tokens.shape}, "
+                                 f"got {ids.dtype} {ids.shape}")
         memory = dict(memory or {})
         if cfg.engram is not None:
             missing = [i for i in cfg.engram.layer_ids if i not in memory]
@@ -182,7 +198,7 @@ class Model(nn.Module):
         x = mhc.expand(embed(tokens).astype(dtype), cfg.branches)  # [B, T, G, D]
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block(cfg, i, name=f"block_{i}")(x, memory.get(i))
+            x = block(cfg, i, name=f"block_{i}")(x, memory.get(i), segment_ids, positions)
         h = _norm(cfg, "final_norm")(mhc.reduce(x))  # [B, T, D]
         if cfg.tie_embeddings:
             logits = embed.attend(h.astype(DTYPES[cfg.param_dtype]))

@@ -155,15 +155,15 @@ class Tables:
 
     Args:
       config: the Engram config (layers, head primes, placement, row dtype).
-      mesh: the device mesh; the batch must be split over `batch_axes` of it.
+      mesh: the device mesh. The batch may be split over any of its axes: each device
+        looks up 1/devices of the batch's ids, whichever they are.
       optimizer: the row optimizer (`table_optim.RowOptimizer`).
       shard_axes: mesh axes that split the rows; default every axis.
-      batch_axes: mesh axes that split the batch's first dimension.
     """
 
     def __init__(self, config: EngramConfig, mesh: Mesh, optimizer: table_optim.RowOptimizer,
-                 shard_axes: Sequence[str] = (), batch_axes: Sequence[str] = ()):
-        unknown = [a for a in (*shard_axes, *batch_axes) if a not in mesh.axis_names]
+                 shard_axes: Sequence[str] = ()):
+        unknown = [a for a in shard_axes if a not in mesh.axis_names]
         if unknown:
             raise ValueError(f"mesh axes {unknown} are not in the mesh {tuple(mesh.axis_names)}")
         if optimizer.dense and config.placement == "host":
@@ -173,7 +173,6 @@ class Tables:
         self.axes = tuple(mesh.axis_names)  # the shard_maps run over the whole mesh
         self.shard_axes = tuple(shard_axes) or self.axes
         self.replica_axes = tuple(a for a in self.axes if a not in self.shard_axes)
-        self.batch_axes = tuple(batch_axes)
         self.devices = mesh.size
         shards = math.prod(mesh.shape[a] for a in self.shard_axes)
         self.layouts = {i: TableLayout(config.head_sizes(i), config.head_dim, shards) for i in config.layer_ids}
@@ -221,7 +220,8 @@ class Tables:
     # ------------------------------------------------------------------ routing
 
     def global_ids(self, hash_ids: Mapping[int, jax.Array]) -> dict[int, jax.Array]:
-        """`{layer: [B, T, H]}` per-head ids -> global rows (hash + head offset), int32."""
+        """`{layer: [B, T, H]}` per-head ids -> global rows (hash + head offset), int32;
+        a negative id stays -1, which no device fetches and no update touches."""
         out = {}
         for i, layout in self.layouts.items():
             ids = hash_ids[i]
@@ -229,7 +229,10 @@ class Tables:
             chex.assert_axis_dimension(ids, 2, len(layout.head_sizes))
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise ValueError(f"hash_ids of layer {i} must be integers, got {ids.dtype}")
-            out[i] = ids.astype(jnp.int32) + jnp.asarray(head_offsets(layout.head_sizes), jnp.int32)
+            ids = ids.astype(jnp.int32)
+            rows = ids + jnp.asarray(head_offsets(layout.head_sizes), jnp.int32)
+            # A negative id (the device hasher's mark of a token outside the vocabulary) reads zeros.
+            out[i] = jnp.where(ids >= 0, rows, -1)
         return out
 
     def _flat(self, x: jax.Array, fill) -> tuple[jax.Array, int]:

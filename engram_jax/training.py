@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from engram_jax import model as model_lib
+from engram_jax.hashing_device import DeviceHasher
 from engram_jax.model import Model, ModelConfig
 from engram_jax.moe import update_bias
 from engram_jax.optim import clip_scale
@@ -84,18 +85,28 @@ def forward(config: ModelConfig, params, moe_bias, batch, memory) -> tuple[jax.A
     """Loss and the sown intermediates (gates, expert loads) of one batch.
 
     Args:
+      batch: "inputs", "targets" and, for packed documents, "segment_ids" and "positions".
       memory: `{layer: [B, T, d_mem]}` the looked-up memory vectors (`Tables.lookup`).
     """
-    logits, state = Model(config).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"],
-                                        memory, mutable=["intermediates"])
+    logits, state = Model(config).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"], memory,
+                                        batch.get("segment_ids"), batch.get("positions"),
+                                        mutable=["intermediates"])
     return cross_entropy(logits, batch["targets"]), state.get("intermediates", {})
 
 
-def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32) -> tuple[dict, dict]:
+def hash_ids_of(batch: dict, hasher: DeviceHasher | None) -> dict:
+    """The batch's hash ids: from the input pipeline, or hashed here from its tokens."""
+    if batch.get("hash_ids") or hasher is None:
+        return batch.get("hash_ids", {})
+    return hasher(batch["inputs"])
+
+
+def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32, hasher: DeviceHasher | None = None
+           ) -> tuple[dict, dict]:
     """The batch's memory vectors and the lookup's counters (nothing without Engram)."""
     if tables is None:
         return {}, {}
-    return tables.lookup(rows, batch["hash_ids"], dtype)
+    return tables.lookup(rows, hash_ids_of(batch, hasher), dtype)
 
 
 def _summaries(intermediates: dict) -> dict[str, jax.Array]:
@@ -112,8 +123,14 @@ def _summaries(intermediates: dict) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax.GradientTransformation,
                tables: Tables | None, lr_schedule: optax.Schedule, table_lr_multiplier: float,
-               clip_norm: float, bias_rate: float) -> tuple[TrainState, dict]:
-    """One update: lookup, gradients, clipping, both optimizers, and the biases' balancing."""
+               clip_norm: float, bias_rate: float, hasher: DeviceHasher | None = None) -> tuple[TrainState, dict]:
+    """One update: lookup, gradients, clipping, both optimizers, and the biases' balancing.
+
+    Args:
+      hasher: hashes the batch's tokens in the step when the batch has no hash ids
+        (`EngramConfig.hash_on_device`).
+    """
+    batch = {**batch, "hash_ids": hash_ids_of(batch, hasher)}
     memory, lookup_stats = lookup(tables, state.tables.rows, batch)
     (loss, inter), (grads, g_memory) = jax.value_and_grad(
         lambda p, e: forward(config, p, state.moe_bias, batch, e), argnums=(0, 1), has_aux=True)(
@@ -157,13 +174,14 @@ def _lookup_summaries(stats: dict, batch: dict) -> dict:
     return out
 
 
-def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None) -> dict:
+def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None,
+              hasher: DeviceHasher | None = None) -> dict:
     """Summed loss and token count of one batch (sum, so that batches average exactly).
 
     Args:
       rows: `TableState.rows` (the optimizer slots are not needed).
     """
-    memory, _ = lookup(tables, rows, batch)
+    memory, _ = lookup(tables, rows, batch, hasher=hasher)
     loss, inter = forward(config, params, moe_bias, batch, memory)
     tokens = batch["targets"].size
     return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter)}
@@ -171,21 +189,22 @@ def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, table
 
 def jit_steps(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
               lr_schedule: optax.Schedule, bias_rate: float, *, table_lr_multiplier: float = 5.0,
-              clip_norm: float = 1.0, state_sharding=None, batch_sharding=None):
+              clip_norm: float = 1.0, state_sharding=None, batch_sharding=None, hasher: DeviceHasher | None = None):
     """The train and eval steps, jitted once with explicit shardings; the state is donated.
 
     Args:
       tables: the table engine (None without Engram); its mesh is the steps' mesh.
+      hasher: hashes batches that carry only tokens, in the step.
 
     Returns:
       (train(state, batch) -> (state, metrics), evaluate(state, batch) -> metrics).
     """
     train = jax.jit(functools.partial(train_step, config=config, tx=tx, tables=tables, lr_schedule=lr_schedule,
                                       table_lr_multiplier=table_lr_multiplier, clip_norm=clip_norm,
-                                      bias_rate=bias_rate),
+                                      bias_rate=bias_rate, hasher=hasher),
                     in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                     donate_argnums=0)
     evaluate = jax.jit(lambda state, batch: eval_step(state.params, state.moe_bias, state.tables.rows, batch,
-                                                      config=config, tables=tables),
+                                                      config=config, tables=tables, hasher=hasher),
                        in_shardings=(state_sharding, batch_sharding))
     return train, evaluate

@@ -81,6 +81,10 @@ def _assert_batches_equal(a, b):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
         np.testing.assert_array_equal(x["targets"], y["targets"])
+        assert x.keys() == y.keys()
+        for key in ("segment_ids", "positions"):
+            if key in x:
+                np.testing.assert_array_equal(x[key], y[key])
         assert x["hash_ids"].keys() == y["hash_ids"].keys()
         for layer in x["hash_ids"]:
             np.testing.assert_array_equal(x["hash_ids"][layer], y["hash_ids"][layer])
@@ -303,6 +307,40 @@ def test_end_of_document_token_is_configurable(tmp_path, tok):
     # The setting wins over the candidates, and a cached stream with another EOD is not reused.
     assert data.tokenize_split(config, tok, "train")[-1] == 0
     assert data.tokenize_split(config.replace(eod_token=data.PAD_TOKEN), tok, "train")[-1] == 1
+
+
+def test_segment_ids_and_positions_restart_at_each_end_of_document(tmp_path):
+    # Word ids a b c = 1 2 3, EOD "<doc>" = 4. Stream: a b c | b c | c a b a |, with | = 4.
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a b c", "b c", "c a b a")))
+    config = data.DataConfig(source=str(source), eod_token="<doc>", seq_len=5,
+                             batch_size=2, val_fraction=0.0, cache_dir=str(tmp_path))
+    tok = _word_tokenizer(["<doc>"])
+    np.testing.assert_array_equal(data.tokenize_split(config, tok, "train"), [1, 2, 3, 4, 2, 3, 4, 3, 1, 2, 1, 4])
+    (batch,) = _take(_pipe(config, tok), 1)  # both windows, in the shuffle's order
+    rows = {tuple(x): i for i, x in enumerate(batch["inputs"].tolist())}
+    assert sorted(rows) == [(1, 2, 3, 4, 2), (3, 4, 3, 1, 2)]
+    # The EOD (4) opens the next document at position 0, as a prompt starts in generation.
+    expected = {(1, 2, 3, 4, 2): ([0, 0, 0, 1, 1], [0, 1, 2, 0, 1]),
+                (3, 4, 3, 1, 2): ([0, 1, 1, 1, 1], [0, 0, 1, 2, 3])}  # cut document: from 0
+    for row, (segments, positions) in expected.items():
+        np.testing.assert_array_equal(batch["segment_ids"][rows[row]], segments)
+        np.testing.assert_array_equal(batch["positions"][rows[row]], positions)
+    assert batch["segment_ids"].dtype == batch["positions"].dtype == np.int32
+    (off,) = _take(_pipe(config.replace(segment_ids=False), tok), 1)
+    assert "segment_ids" not in off and "positions" not in off
+
+
+def test_segment_ids_and_positions_of_every_validation_window(make_config, tok):
+    """Against a per-token count: the EODs up to t, and t minus the latest of them."""
+    batches = list(_pipe(make_config(), tok, split="validation").iterator())
+    for batch in batches:
+        for x, segments, positions in zip(batch["inputs"], batch["segment_ids"], batch["positions"]):
+            ends = [t for t, token in enumerate(x) if token == 0]  # EOD_TOKEN is id 0
+            for t in range(len(x)):
+                assert segments[t] == sum(e <= t for e in ends)
+                assert positions[t] == t - max([e for e in ends if e <= t], default=0)
+    assert any(len(set(b["segment_ids"][r])) > 1 for b in batches for r in range(4))  # windows span EODs
 
 
 def test_bytes_per_token(make_config, tok):

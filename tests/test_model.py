@@ -97,6 +97,49 @@ def test_runs_under_jit_and_grad_with_finite_gradients(branches, engram):
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)
 
 
+@pytest.mark.parametrize("branches, kind, engram", [(4, "mha", False), (1, "mla", False), (4, "mha", True)])
+def test_a_packed_document_has_the_logits_of_that_document_alone(branches, kind, engram):
+    """Attention is masked to each document and positions restart. Engram reads across the
+    boundary by design (n-grams, short conv), so the Engram case drops the conv and gives
+    the document alone the memory of its packed positions."""
+    config = tiny_config(branches, engram)
+    if kind == "mla":
+        config = config.replace(attention=AttentionConfig(kind="mla", num_heads=2, kv_lora_rank=8, qk_nope_dim=8,
+                                                          qk_rope_dim=4, v_head_dim=8))
+    if engram:
+        config = config.replace(engram=config.engram.replace(short_conv=False))
+    tokens = np.random.default_rng(2).integers(1, 64, (2, 12))
+    tokens[:, 5] = 0  # document 1 = columns 0..4, document 2 = columns 5..11 (opened by its EOD)
+    tokens, memory = inputs(config, tokens)
+    # One compiled shape for all three runs: the document alone is put first in a row
+    # (causal: its 7 logits do not see the 5 columns after it), with one segment.
+    apply = jax.jit(lambda t, h, s, p: Model(config).apply(variables(config), t, h, s, p))
+    one_segment, in_order = np.zeros((2, 12), np.int32), np.tile(np.arange(12, dtype=np.int32), (2, 1))
+    segment_ids = np.tile(np.int32([0] * 5 + [1] * 7), (2, 1))  # [B, T]
+    positions = np.tile(np.int32([*range(5), *range(7)]), (2, 1))  # [B, T]
+    packed = apply(tokens, memory, segment_ids, positions)
+    first = lambda a: jnp.roll(a, -5, axis=1)  # noqa: E731  (columns 5..11 first)
+    alone = apply(first(tokens), {k: first(m) for k, m in memory.items()}, one_segment, in_order)[:, :7]
+    chex.assert_shape(packed, (2, 12, 64))
+    # Float32 rounding of the same sums in another order; measured <= 3.1e-6 at |logits| <= 5.2.
+    chex.assert_trees_all_close(packed[:, 5:], alone, rtol=0, atol=2e-5)
+    unmasked = apply(tokens, memory, one_segment, in_order)  # one document: it reads document 1
+    assert np.abs(unmasked[:, 5:] - alone).max() > 1e-2
+    # With the mask, RoPE's relative scores hide the positions; without it, restarting
+    # them moves document 1 relative to document 2, so the positions reach attention.
+    restarted = apply(tokens, memory, one_segment, positions)
+    assert np.abs(restarted[:, 5:] - unmasked[:, 5:]).max() > 1e-2
+
+
+def test_segment_ids_must_match_the_tokens():
+    config = tiny_config(engram=False)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array shaped like tokens \(1, 4\)"):
+        Model(config).apply(variables(config), tokens, None, jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"positions must be an integer array"):
+        Model(config).apply(variables(config), tokens, None, None, jnp.zeros((1, 4)))
+
+
 def test_single_branch_block_is_a_plain_prenorm_residual_block():
     config = tiny_config(branches=1, engram=False, moe=None)
     x = jax.random.normal(jax.random.key(1), (2, 6, 1, 16))

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -122,6 +123,97 @@ def test_a_run_of_another_config_is_refused(straight):
         train(config.override(["model.moe.num_experts=5"]), root / "straight")
 
 
+def copy_run(root: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of the straight run's folder (checkpoints 1, 4 and 8), to spoil or resume."""
+    return pathlib.Path(shutil.copytree(root / "straight", tmp_path / "run"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=16", "steps: 8 in the checkpoint, 16 now; the learning-rate schedule depends on it"),
+    ("optim.warmup_steps=3", ("optim.warmup_steps: 2 in the checkpoint, 3 now; the optimizer state and "
+                              "learning-rate schedule depend on it")),
+    ("optim.schedule=constant", ("optim.schedule: 'cosine' in the checkpoint, 'constant' now; the optimizer "
+                                 "state and learning-rate schedule depend on it")),
+])
+def test_resuming_with_another_schedule_is_refused_in_one_line(straight, tmp_path, override, message):
+    config, root, _ = straight
+    workdir = copy_run(root, tmp_path)
+    before = (workdir / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError) as err:
+        train(config.override([override]), workdir)
+    assert str(err.value) == f"{message}: use a new --workdir"
+    assert (workdir / "metrics.jsonl").read_text() == before  # refused before any work
+
+
+def test_resuming_with_other_reporting_settings_is_allowed(straight, tmp_path):
+    config, root, _ = straight
+    workdir = copy_run(root, tmp_path)
+    free = config.override(["name=renamed", "eval_every=2", "log_every=3", "save_every=2", "keep_checkpoints=5",
+                            "eval_batches=1"])
+    assert train(free, workdir)["step"] == 8
+
+
+def spoil(step_folder: pathlib.Path) -> None:
+    """Flips the middle half of the bytes of each array file of the `model` item."""
+    for f in (step_folder / "model" / "d").iterdir():
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 4, 3 * len(data) // 4):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+
+# `engram-train`'s path (logging set up as main() does) with a RunConfig given as JSON.
+TRAIN_FROM_JSON = ("import json, sys; from train.main import _setup_logging; from train.run import RunConfig, train; "
+                   "_setup_logging(); train(RunConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2])")
+
+
+def test_training_resumes_from_the_newest_intact_checkpoint(straight, tmp_path):
+    config, root, _ = straight
+    workdir = copy_run(root, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    spoil(checkpoints / "8")
+    spoiled = {f.name: f.read_bytes() for f in (checkpoints / "8" / "model" / "d").iterdir()}
+    result = subprocess.run([sys.executable, "-c", TRAIN_FROM_JSON, json.dumps(config.to_dict()), str(workdir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "cannot be read" in line]
+    assert len(warnings) == 1 and warnings[0].split(" ", 1)[1].startswith(
+        f"checkpoint {checkpoints / '8'} cannot be read, so the run resumes from step 4; "
+        f"it is kept as {checkpoints / '8.corrupt'}: ")
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    # The bad checkpoint is kept, aside; steps 5 to 8 ran again, as the straight run did.
+    assert {f.name: f.read_bytes() for f in (checkpoints / "8.corrupt" / "model" / "d").iterdir()} == spoiled
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "4", "8", "8.corrupt"]
+    assert train_losses(workdir) == train_losses(root / "straight")
+    assert Trained(workdir).step == 8
+
+
+def eval_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from train.main import eval_main; sys.exit(eval_main())",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+def test_evaluating_a_corrupt_checkpoint_names_it_and_the_intact_steps(straight, tmp_path):
+    _, root, _ = straight
+    workdir = copy_run(root, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    spoil(checkpoints / "8")
+    result = eval_cli("--checkpoint", str(workdir), "--no-validation")
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"engram-eval: error: checkpoint {checkpoints / '8'} cannot be read "
+                                    "(intact steps: 1, 4; --step N picks one): ")
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    assert (checkpoints / "8").is_dir()  # evaluation reads, never moves
+
+
+def test_evaluation_shows_no_read_only_notice(straight):
+    _, root, _ = straight
+    result = eval_cli("--checkpoint", str(root / "straight"), "--step", "4", "--no-validation")
+    assert result.returncode == 0 and result.stdout.startswith("restored step 4 of micro")
+    assert "Given directory is read only" not in result.stderr
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=300)
 
@@ -158,8 +250,6 @@ def test_evaluating_a_missing_or_corrupt_checkpoint_is_a_clear_error(straight, t
     assert eval_main(["--checkpoint", str(tmp_path / "nothing")]) == 2
     _, root, _ = straight
     corrupt = tmp_path / "corrupt"
-    import shutil
-
     shutil.copytree(root / "straight", corrupt)
     step = max(int(p.name) for p in (corrupt / "checkpoints").iterdir() if p.name.isdigit())
     for f in (corrupt / "checkpoints" / str(step) / "model").rglob("*"):

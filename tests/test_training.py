@@ -42,10 +42,9 @@ def mesh_of(shape):
 class Setup:
     """A model, its table engine on a mesh, shardings and jitted steps."""
 
-    def __init__(self, config=CONFIG, optim_config=OPTIM, mesh_shape=(1, 1), shard_axes=(), seed=0):
+    def __init__(self, config=CONFIG, optim_config=OPTIM, mesh_shape=(1, 1), shard_axes=(), seed=0, hasher=None):
         self.config, self.mesh = config, mesh_of(mesh_shape)
-        self.tables = Tables(config.engram, self.mesh, optim.table_optimizer(optim_config), shard_axes=shard_axes,
-                             batch_axes=("data",))
+        self.tables = Tables(config.engram, self.mesh, optim.table_optimizer(optim_config), shard_axes=shard_axes)
         axes = sharding.logical_axes(model.variable_shapes(config))["params"]
         self.tx = optim.build_optimizer(optim_config, axes, total_steps=100)
         init = functools.partial(training.init_state, config, self.tx, self.tables, jax.random.key(seed))
@@ -59,7 +58,7 @@ class Setup:
         self.train, self.evaluate = training.jit_steps(
             config, self.tx, self.tables, optim.schedule(optim_config, 100), 0.01,
             table_lr_multiplier=optim_config.table_lr_multiplier, clip_norm=optim_config.clip_norm,
-            state_sharding=self.sharding, batch_sharding=sharding.batch_sharding(self.mesh))
+            state_sharding=self.sharding, batch_sharding=sharding.batch_sharding(self.mesh), hasher=hasher)
 
     def losses(self, batches):
         state, out = self.init(), []
@@ -120,6 +119,16 @@ def test_clipping_scales_backbone_and_tables_by_one_global_norm():
     moved = np.abs(np.asarray(new.tables.rows["layer_1"]) - before)
     table_lr = tight.learning_rate * tight.table_lr_multiplier
     assert 0 < moved.max() <= table_lr * 1e-3 * (1 + 1e-5)
+
+
+def test_hashing_in_the_step_gives_the_losses_of_hashing_in_the_pipeline():
+    config = CONFIG.replace(engram=CONFIG.engram.replace(hash_on_device=True))
+    hasher = config.engram.make_hasher(np.arange(config.vocab_size)).on_device()
+    batches = [batch_of(CONFIG, seed=s) for s in range(4)]
+    tokens_only = [{**b, "hash_ids": {}} for b in batches]
+    _, from_pipeline = Setup(mesh_shape=(4, 2)).losses(batches)
+    _, in_step = Setup(config, mesh_shape=(4, 2), hasher=hasher).losses(tokens_only)
+    assert in_step == from_pipeline
 
 
 # ---------------------------------------------------------------- sparse tables against dense ones

@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engram_jax import data, model as model_lib, sharding, training
-from engram_jax.checkpoint import CheckpointError, Checkpoints
+from engram_jax.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint
 from engram_jax.compression import compress_tokenizer
 from engram_jax.hashing import NgramHasher
 from engram_jax.model import Model, ModelConfig
@@ -63,11 +63,13 @@ class Validation:
 
 
 class Trained:
-    """A restored model: its run config, tokenizer, hasher and variables."""
+    """A restored model: its run config, tokenizer, hasher and variables.
+
+    A step that cannot be read is an error naming it and the steps that do read (each
+    is tried), so that `--step N` can pick one; evaluation never switches step by itself.
+    """
 
     def __init__(self, checkpoint: str | pathlib.Path, step: int | None = None):
-        from train.run import RunConfig, make_tables  # train.run imports this module
-
         path = pathlib.Path(checkpoint)
         if path.name.isdigit() and step is None:  # a step folder: runs/x/checkpoints/300
             step, path = int(path.name), path.parent
@@ -76,28 +78,26 @@ class Trained:
         if not path.is_dir():
             raise CheckpointError(f"no checkpoint at {checkpoint}")
         checkpoints = Checkpoints(path, read_only=True)
-        self.config = RunConfig.from_dict(checkpoints.read_config(step))
+        try:
+            self.step = checkpoints.resolve(step)
+            try:
+                self.config, self.mesh, self.tables, restored = _restore_model(checkpoints, self.step)
+            except UnreadableCheckpoint as err:
+                intact = [s for s in checkpoints.steps() if s != err.step and _restores(checkpoints, s)]
+                which = (f"intact steps: {', '.join(map(str, sorted(intact)))}; --step N picks one" if intact
+                         else "no other step reads either")
+                raise CheckpointError(f"checkpoint {err.path} cannot be read ({which}): {err.reason}") from None
+        finally:
+            checkpoints.close()
+        self.variables = {"params": restored["params"], "moe_bias": restored["moe_bias"]}
+        self.rows = restored["tables"]
         tokenizer_file = path.parent / "tokenizer.json"
         self.tokenizer = (Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file()
                           else data.load_tokenizer(self.config.data))
-        cfg = self.config.model
         self.hasher = None
-        if cfg.engram is not None:
+        if self.config.model.engram is not None:
             lookup = compress_tokenizer(self.tokenizer, self.config.data.cache_root).lookup
-            self.hasher = cfg.engram.make_hasher(lookup)
-        self.mesh = sharding.make_mesh(self.config.mesh)
-        self.tables = make_tables(self.config, self.mesh)
-        shapes = model_lib.variable_shapes(cfg)
-        shardings = sharding.tree_shardings(self.mesh, sharding.logical_axes(shapes))
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(shapes), shardings)
-        rows = self.tables.abstract_state().rows if self.tables else {}
-        self.step = step if step is not None else checkpoints.latest_step()
-        restored = checkpoints.restore_model({"params": abstract["params"], "moe_bias": abstract.get("moe_bias", {}),
-                                              "tables": rows}, self.step)
-        checkpoints.close()
-        self.variables = {"params": restored["params"], "moe_bias": restored["moe_bias"]}
-        self.rows = restored["tables"]
+            self.hasher = self.config.model.engram.make_hasher(lookup)
 
     def validate(self) -> dict:
         evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model, tables=self.tables))
@@ -166,6 +166,33 @@ class Trained:
                  for path, gate in training._module_values(state["intermediates"], "gate").items()}
         pieces = [self.tokenizer.decode([t]) for t in tokens[0]]
         return pieces, gates
+
+
+def _restore_model(checkpoints: Checkpoints, step: int):
+    """The run config, mesh and table engine of `step`, and its restored
+    `{"params", "moe_bias", "tables"}` (no optimizer state is read)."""
+    from train.run import RunConfig, make_tables  # train.run imports this module
+
+    config = RunConfig.from_dict(checkpoints.read_config(step))
+    mesh = sharding.make_mesh(config.mesh)
+    tables = make_tables(config, mesh)
+    shapes = model_lib.variable_shapes(config.model)
+    shardings = sharding.tree_shardings(mesh, sharding.logical_axes(shapes))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(shapes), shardings)
+    rows = tables.abstract_state().rows if tables else {}
+    restored = checkpoints.restore_model({"params": abstract["params"], "moe_bias": abstract.get("moe_bias", {}),
+                                          "tables": rows}, step)
+    return config, mesh, tables, restored
+
+
+def _restores(checkpoints: Checkpoints, step: int) -> bool:
+    """Whether `step`'s model restores (read in full, then dropped)."""
+    try:
+        _restore_model(checkpoints, step)
+    except CheckpointError:
+        return False
+    return True
 
 
 def draw_gates(pieces_and_gates: list[tuple[list[str], np.ndarray]], path: str | pathlib.Path,

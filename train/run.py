@@ -7,7 +7,9 @@
 A run folder (default `runs/<name>`) holds `config.json`, `tokenizer.json`,
 `metrics.jsonl` (one line per logged step and per validation), TensorBoard events when
 tensorboardX is installed, and Orbax checkpoints under `checkpoints/`. Running again
-in the same folder resumes from the latest checkpoint.
+in the same folder resumes from the latest checkpoint that reads; one that does not is
+renamed `<step>.corrupt`, with a warning. A resumed run keeps its model, data, optimizer
+and length (`steps`, which shapes the learning-rate schedule): changing one is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from engram_jax import configs, data, model, optim, sharding, training
-from engram_jax.checkpoint import Checkpoints
+from engram_jax.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint, config_differences
 from engram_jax.compression import compress_tokenizer
 from engram_jax.config_base import Config
 from engram_jax.data import DataConfig
@@ -111,12 +113,67 @@ def _paper_run(name: str) -> RunConfig:
                      steps=steps, eval_every=1000, eval_batches=50, save_every=1000, log_every=20)
 
 
+# Run fields that shape the learning-rate curve, and why, checked in one line each on
+# resume (model and data, another run's folder, are checked by `Checkpoints.check_config`).
+# The rest (name, mesh, seed, eval_every, eval_batches, save_every, keep_checkpoints,
+# log_every) may change: they do not alter the resumed state's path.
+SCHEDULE_FIELDS = {"steps": "the learning-rate schedule depends on it",
+                   "optim": "the optimizer state and learning-rate schedule depend on it"}
+
+
+def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
+    """Raises CheckpointError if `config` cannot continue the run saved in `checkpoints`."""
+    current = config.to_dict()
+    step = _newest_readable_config(checkpoints)
+    for part in ("model", "data"):
+        checkpoints.check_config(current, step, key=part)
+    saved = checkpoints.read_config(step)
+    for key, why in SCHEDULE_FIELDS.items():
+        diff = config_differences(saved.get(key), current[key], f"{key}.")
+        if diff:
+            raise CheckpointError(f"{'; '.join(diff)}; {why}: use a new --workdir")
+
+
+def _newest_readable_config(checkpoints: Checkpoints) -> int:
+    """The newest step whose config reads (a run's steps share the checked fields)."""
+    steps = sorted(checkpoints.steps(), reverse=True)
+    for step in steps:
+        try:
+            checkpoints.read_config(step)
+            return step
+        except UnreadableCheckpoint:
+            continue
+    return steps[0]  # none reads: the check raises its error
+
+
+def restore_newest_intact(checkpoints: Checkpoints, abstract_state, data_iterator):
+    """The newest checkpoint that reads (and the data iterator, in place).
+
+    A newer one that does not read is renamed `<step>.corrupt` (see
+    `Checkpoints.set_aside`), with a one-line warning: kept on disk, but out of Orbax's
+    way, so that the run saves those steps again. If no step reads, the newest one's
+    error is raised and nothing is moved.
+    """
+    bad: list[UnreadableCheckpoint] = []
+    for step in sorted(checkpoints.steps(), reverse=True):
+        try:
+            state = checkpoints.restore(abstract_state, step, data_iterator=data_iterator)
+        except UnreadableCheckpoint as err:
+            bad.append(err)
+            continue
+        for err in bad:
+            aside = checkpoints.set_aside(err.step)
+            log.warning("checkpoint %s cannot be read, so the run resumes from step %d; it is kept as %s: %s",
+                        err.path, step, aside, err.reason)
+        return state
+    raise bad[0]
+
+
 def make_tables(config: RunConfig, mesh) -> Tables | None:
     """The run's table engine on `mesh` (None for a model without Engram)."""
     if config.model.engram is None:
         return None
-    return Tables(config.model.engram, mesh, optim.table_optimizer(config.optim), shard_axes=config.mesh.table_axes,
-                  batch_axes=(sharding.DATA,))
+    return Tables(config.model.engram, mesh, optim.table_optimizer(config.optim), shard_axes=config.mesh.table_axes)
 
 
 def run_preset(name: str) -> RunConfig:
@@ -186,7 +243,11 @@ class Run:
             log.info("tokenizer compression: %d -> %d ids (%.1f%% fewer)", compression.vocab_size,
                      compression.num_compressed, 100 * compression.ratio)
             self.hasher = config.model.engram.make_hasher(compression.lookup)
-        self.validation = Validation(config, self.tokenizer, self.hasher)
+        # With hash_on_device the pipeline carries tokens only and the step hashes them.
+        on_device = config.model.engram is not None and config.model.engram.hash_on_device
+        self.device_hasher = self.hasher.on_device() if on_device else None
+        self.pipeline_hasher = None if on_device else self.hasher
+        self.validation = Validation(config, self.tokenizer, self.pipeline_hasher)
         self.mesh = sharding.make_mesh(config.mesh)
         self.tables = make_tables(config, self.mesh)
         shapes = model.variable_shapes(config.model)
@@ -200,7 +261,8 @@ class Run:
         self.train_step, self.eval_step = training.jit_steps(
             config.model, self.tx, self.tables, self.schedule, bias_rate,
             table_lr_multiplier=config.optim.table_lr_multiplier, clip_norm=config.optim.clip_norm,
-            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh))
+            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh),
+            hasher=self.device_hasher)
 
     def _state_sharding(self):
         """Params and optimizer moments follow the params' logical axes; tables their
@@ -221,7 +283,7 @@ class Run:
 
     def batches(self, split: str, num_batches: int | None = None):
         """A Grain iterator of this process's batches of `split`."""
-        return data.Pipeline(self.config.data, self.tokenizer, self.hasher, split).iterator(num_batches)
+        return data.Pipeline(self.config.data, self.tokenizer, self.pipeline_hasher, split).iterator(num_batches)
 
     def evaluate(self, state) -> dict:
         """Validation metrics of `state` (the same function `engram-eval` runs)."""
@@ -245,12 +307,16 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, save_every=config.save_every)
     resume = checkpoints.latest_step() is not None
     if resume:  # before any work: a folder of another run is an error, not a restart
-        for part in ("model", "data", "optim"):
-            checkpoints.check_config(config.to_dict(), key=part)
+        check_resumable(checkpoints, config)
     run = Run(config, workdir)
     iterator = run.batches("train")
     if resume:
-        state = checkpoints.restore(run.abstract_with_sharding(), data_iterator=iterator)
+        try:
+            state = restore_newest_intact(checkpoints, run.abstract_with_sharding(), iterator)
+        except BaseException:
+            iterator.close()
+            checkpoints.close()
+            raise
         log.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
     else:
         state = run.init_state()
