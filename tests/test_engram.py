@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,11 +100,23 @@ def gated_value(layer, params, hidden, hash_ids):
     return gate[..., None] * value[:, :, None, :]
 
 
-def test_zero_conv_output_equals_gated_value():
-    layer, params, hidden, hash_ids = make()
-    assert not np.any(params["short_conv"]["kernel"])  # zero-initialised by default
-    out = layer.apply({"params": params}, hidden, hash_ids)
-    np.testing.assert_allclose(out, gated_value(layer, params, hidden, hash_ids), rtol=1e-6, atol=1e-6)
+class EngramLayerTest(chex.TestCase):
+    """The layer traced (jit) and eager: same shapes, types and values."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_output_keeps_the_hidden_state_shape_and_type(self):
+        layer, params, hidden, hash_ids = make()
+        out = self.variant(layer.apply)({"params": params}, hidden, hash_ids)
+        chex.assert_shape(out, hidden.shape)
+        chex.assert_type(out, jnp.float32)
+        chex.assert_tree_all_finite(out)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_zero_conv_output_equals_gated_value(self):
+        layer, params, hidden, hash_ids = make()
+        assert not np.any(params["short_conv"]["kernel"])  # zero-initialised by default
+        out = self.variant(layer.apply)({"params": params}, hidden, hash_ids)
+        chex.assert_trees_all_close(out, gated_value(layer, params, hidden, hash_ids), rtol=1e-6, atol=1e-6)
 
 
 def test_nonzero_conv_changes_the_output():
