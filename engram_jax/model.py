@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from engram_jax import mhc
 from engram_jax.attention import Attention, AttentionConfig
@@ -119,10 +120,14 @@ def _norm(config: ModelConfig, name: str) -> nn.RMSNorm:
 
 
 class Block(nn.Module):
-    """One block: optional Engram, then attention, then a dense FFN or a MoE."""
+    """One block: optional Engram, then attention, then a dense FFN or a MoE.
+
+    `mesh`: where the MoE runs expert-parallel (see `moe.MoE`); None for one device.
+    """
 
     config: ModelConfig
     layer: int
+    mesh: Mesh | None = None
 
     def sublayer(self, x: jnp.ndarray, f, name: str) -> jnp.ndarray:
         """Applies f to the stream read from x and writes its output back: [B, T, G, D]."""
@@ -151,16 +156,24 @@ class Block(nn.Module):
         x = self.sublayer(x, lambda h: attention(_norm(cfg, "attention_norm")(h), segment_ids, positions),
                           "attention")
         if cfg.is_moe(self.layer):
-            ffn = MoE(cfg.moe, dtype, param_dtype, name="moe")
+            ffn = MoE(cfg.moe, dtype, param_dtype, self.mesh, name="moe")
         else:
             ffn = MLP(cfg.mlp_dim, dtype, param_dtype, name="mlp")
         return self.sublayer(x, lambda h: ffn(_norm(cfg, "ffn_norm")(h)), "ffn")
 
 
 class Model(nn.Module):
-    """The language model. `Model(config).apply(variables, tokens, memory)` -> logits."""
+    """The language model. `Model(config).apply(variables, tokens, memory)` -> logits.
+
+    Attributes:
+      config: the model config.
+      mesh: the device mesh of the train step, for expert parallelism (its `expert`
+        axis also sets how many experts the MoE kernels store, `MoEConfig.padded_experts`);
+        None for one device.
+    """
 
     config: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
@@ -198,7 +211,7 @@ class Model(nn.Module):
         x = mhc.expand(embed(tokens).astype(dtype), cfg.branches)  # [B, T, G, D]
         block = nn.remat(Block) if cfg.remat else Block
         for i in range(cfg.num_layers):
-            x = block(cfg, i, name=f"block_{i}")(x, memory.get(i), segment_ids, positions)
+            x = block(cfg, i, self.mesh, name=f"block_{i}")(x, memory.get(i), segment_ids, positions)
         h = _norm(cfg, "final_norm")(mhc.reduce(x))  # [B, T, D]
         if cfg.tie_embeddings:
             logits = embed.attend(h.astype(DTYPES[cfg.param_dtype]))
@@ -219,14 +232,14 @@ def dummy_inputs(config: ModelConfig, batch: int = 1, seq: int = 1) -> tuple[jnp
     return tokens, memory
 
 
-def init_variables(config: ModelConfig, rng: jax.Array) -> dict:
-    """All variables (`params`, `moe_bias`) of a fresh model."""
-    return Model(config).init(rng, *dummy_inputs(config))
+def init_variables(config: ModelConfig, rng: jax.Array, mesh: Mesh | None = None) -> dict:
+    """All variables (`params`, `moe_bias`) of a fresh model (for `mesh`: see `Model`)."""
+    return Model(config, mesh).init(rng, *dummy_inputs(config))
 
 
-def variable_shapes(config: ModelConfig) -> dict:
+def variable_shapes(config: ModelConfig, mesh: Mesh | None = None) -> dict:
     """The shapes of all variables, computed with jax.eval_shape: nothing is allocated."""
-    return jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    return jax.eval_shape(lambda: init_variables(config, jax.random.key(0), mesh))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,22 @@ Balancing", Algorithm 1):
 using the "expert_load" the layer sows into "intermediates". The bias lives in its own
 variable collection, "moe_bias", apart from "params". DeepSeek-V3's node-limited
 (grouped) routing and its small sequence-wise balance loss are left out.
+
+Expert parallelism (given a mesh): inside `shard_map`, each device routes its own N_l
+tokens, puts each of its N_l K token copies into the bucket of the device that holds
+its expert (buckets of fixed capacity C), exchanges buckets with one `all_to_all`
+over the `expert` axis, runs its E / X local experts on what it received (grouped, as
+on one device), and sends the results back with a second `all_to_all`:
+
+    C = ceil(capacity_factor * N_l K / X)        X devices on the `expert` axis
+    sent per device and direction: X x C x D = capacity_factor x N_l K D values
+
+so the traffic grows with the local tokens only. Copies beyond a full bucket are
+dropped (their expert's output is 0 for that copy) and counted ("moe_dropped");
+capacity_factor = 0 sizes buckets for the worst case (C = N_l K) and drops nothing.
+Expert kernels are stored padded to a multiple of X experts (E = 55 on 2, 4 or 8
+devices); padding experts have no router column, so nothing is ever sent to them.
+Load and the balancing update use counts summed over the whole mesh.
 """
 
 from __future__ import annotations
@@ -27,7 +43,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
+from engram_jax import sharding
 from engram_jax.config_base import Config
 from engram_jax.mlp import EMBED, MLP, fan_in_init, mlp_params
 
@@ -63,6 +81,10 @@ class MoEConfig(Config):
         matmul over blocks with each block's expert kernels (any backend).
         "auto": "blocked" on CPU, "ragged" elsewhere.
         "dense": every expert on every token (a reference for tests, small sizes only).
+      capacity_factor: with expert parallelism, the size of each device-to-device
+        bucket over an even share of the token copies (see the module docstring);
+        copies past it are dropped and counted. 0: buckets hold the worst case, nothing
+        is dropped (X times the traffic of factor 1).
     """
 
     num_experts: int = 8
@@ -72,6 +94,7 @@ class MoEConfig(Config):
     route_scale: float = 1.0
     bias_update_rate: float = 1e-3
     implementation: str = "auto"
+    capacity_factor: float = 2.0
 
     def validate(self) -> None:
         self.check(self.num_experts >= 1, "num_experts", "must be >= 1")
@@ -84,6 +107,17 @@ class MoEConfig(Config):
         self.check(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
         self.check(self.implementation in IMPLEMENTATIONS, "implementation",
                    f"must be one of {list(IMPLEMENTATIONS)}")
+        self.check(self.capacity_factor >= 0, "capacity_factor", "must be >= 0 (0: never drop)")
+
+    def padded_experts(self, shards: int) -> int:
+        """E rounded up to a multiple of `shards` (devices on the `expert` axis)."""
+        return -(-self.num_experts // shards) * shards
+
+    def capacity(self, copies: int, shards: int) -> int:
+        """C, the token copies one device may send to one device, of `copies` = N_l K."""
+        if not self.capacity_factor or shards == 1:
+            return copies
+        return min(copies, max(1, -(-int(self.capacity_factor * copies) // shards)))
 
     def num_params(self, hidden_size: int) -> int:
         """Parameters of one layer: router + routed experts + shared experts."""
@@ -208,11 +242,91 @@ def _dense_experts(x, weights, experts, group_sizes, w_gate, w_up, w_down):
     return jnp.einsum("ned,ne->nd", y.astype(weights.dtype), mix)  # [N, D]
 
 
+def _grouped(implementation: str):
+    if implementation == "auto":
+        implementation = "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return {"ragged": _ragged_experts, "blocked": _blocked_experts, "dense": _dense_experts}[implementation]
+
+
+def _route_local(config: MoEConfig, tokens, router, bias, wide):
+    """Scores, top-K and the [E] routed-slot counts of these tokens."""
+    # The router runs wide: near-ties between experts decide which one is chosen.
+    scores = jax.nn.sigmoid(tokens.astype(wide) @ router.astype(wide))  # [N, E]
+    weights, experts = route(scores, bias.astype(wide), config.top_k, config.route_scale)  # [N, K] x2
+    return weights, experts, jnp.bincount(experts.reshape(-1), length=config.num_experts)  # [E]
+
+
+def _dispatch(x, experts, shards: int, local_experts: int, capacity: int):
+    """Token copies into per-device buckets of `capacity` rows.
+
+    Args:
+      x: [N, D] this device's tokens; experts: [N, K] their experts (global ids).
+
+    Returns:
+      (buckets [X, C, D], bucket experts [X, C] local ids or -1 for an empty row,
+       where [N * K, 2] (device, row) of every copy, row = C if it was dropped).
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)  # [S] copy -> expert
+    device = flat // local_experts  # [S]
+    # Rank of each copy within its device's copies, in (token, slot) order.
+    order = jnp.argsort(device, stable=True)  # [S]
+    counts = jnp.bincount(device, length=shards)  # [X]
+    start = jnp.cumsum(counts) - counts
+    rank = jnp.zeros_like(flat).at[order].set(jnp.arange(flat.shape[0]) - start[device[order]])  # [S]
+    row = jnp.where(rank < capacity, rank, capacity)  # [S]; capacity = dropped
+    buckets = jnp.zeros((shards, capacity, x.shape[-1]), x.dtype).at[device, row].set(
+        jnp.repeat(x, k, axis=0), mode="drop")  # [X, C, D]
+    ids = jnp.full((shards, capacity), -1, jnp.int32).at[device, row].set(flat % local_experts, mode="drop")
+    return buckets, ids, jnp.stack([device, row], axis=-1)
+
+
+def _expert_parallel(config: MoEConfig, mesh: Mesh, tokens, router, bias, w_gate, w_up, w_down, wide):
+    """Route, dispatch, compute and combine in `shard_map`: [N, D] -> [N, D].
+
+    Returns (y [N, D] wide, counts [E] over the mesh, dropped copies over the mesh).
+    """
+    shards = sharding.axis_size(mesh, sharding.EXPERT)
+    local_experts = w_gate.shape[0] // shards
+    grouped = _grouped(config.implementation)
+    axes = sharding.batch_axes(mesh)
+
+    def local(x, router, bias, w_gate, w_up, w_down):  # x [N_l, D], w_* [E_l, ...]
+        weights, experts, counts = _route_local(config, x, router, bias, wide)
+        n, k = experts.shape
+        if shards == 1:  # data parallel: every expert is here, nothing moves
+            y = grouped(x, weights, experts, counts.astype(jnp.int32), w_gate, w_up, w_down)
+            return y, jax.lax.psum(counts, axes), jnp.zeros((), jnp.int32)
+        capacity = config.capacity(n * k, shards)
+        buckets, ids, where = _dispatch(x, experts, shards, local_experts, capacity)
+        exchange = lambda a: jax.lax.all_to_all(a, sharding.EXPERT, 0, 0, tiled=True)  # noqa: E731
+        received, received_ids = exchange(buckets), exchange(ids)  # [X, C, D], [X, C] from each device
+        rows = received.reshape(shards * capacity, -1)
+        row_ids = received_ids.reshape(-1, 1)  # [X C, 1]
+        present = row_ids >= 0
+        # Empty rows go to local expert 0 as zeros: SwiGLU(0) = 0, and they are never read.
+        sizes = jnp.bincount(jnp.where(present, row_ids, 0)[:, 0], length=local_experts)
+        out = grouped(jnp.where(present, rows, 0), present.astype(wide), jnp.where(present, row_ids, 0),
+                      sizes.astype(jnp.int32), w_gate, w_up, w_down)  # [X C, D]
+        back = exchange(out.astype(x.dtype).reshape(shards, capacity, -1))  # [X, C, D] results of our copies
+        copies = back.at[where[:, 0], where[:, 1]].get(mode="fill", fill_value=0).reshape(n, k, -1)
+        y = jnp.einsum("nkd,nk->nd", copies.astype(wide), weights)  # [N_l, D]
+        dropped = jnp.sum(where[:, 1] == capacity)
+        return y, jax.lax.psum(counts, axes), jax.lax.psum(dropped, axes)
+
+    kernel = PartitionSpec(sharding.EXPERT, None, None)
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(PartitionSpec(axes, None), PartitionSpec(), PartitionSpec(), kernel, kernel, kernel),
+                         out_specs=(PartitionSpec(axes, None), PartitionSpec(), PartitionSpec()))(
+        tokens, router, bias, w_gate, w_up, w_down)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE feed-forward layer with a loss-free balancing bias.
 
     Variables: "params" (router, w_gate, w_up, w_down, shared) and "moe_bias" (bias
-    [E], updated outside the gradient with `update_bias`). Sows "expert_load" [E] into
+    [E], updated outside the gradient with `update_bias`). Sows "expert_load" [E] and,
+    with expert parallelism, "moe_dropped" (token copies dropped by full buckets) into
     "intermediates".
 
     Attributes:
@@ -220,11 +334,16 @@ class MoE(nn.Module):
       dtype: compute dtype of the experts (float32 or bfloat16); the router, the
         weights and the expert load are float32 or wider.
       param_dtype: parameter dtype.
+      mesh: with a mesh, tokens stay on their devices and the experts are split over
+        its `expert` axis (expert parallelism, see the module docstring); the expert
+        kernels then hold `padded_experts(mesh expert size)` experts. None: one
+        program over the whole batch (one device, or GSPMD's choice of collectives).
     """
 
     config: MoEConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -241,6 +360,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: x must be a floating [B, T, D] array, got {x.dtype}{list(x.shape)}")
         b, t, d = x.shape
         e, f, k = cfg.num_experts, cfg.expert_dim, cfg.top_k
+        stored = cfg.padded_experts(sharding.axis_size(self.mesh, sharding.EXPERT))
         wide = jnp.promote_types(self.dtype, jnp.float32)
 
         router = self.param("router", nn.with_logical_partitioning(fan_in_init, (EMBED, EXPERTS)),
@@ -251,25 +371,19 @@ class MoE(nn.Module):
             init = nn.with_logical_partitioning(_expert_init, axes)
             return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
-        w_gate = expert_kernel("w_gate", (EXPERTS, EMBED, EXPERT_MLP), (e, d, f))
-        w_up = expert_kernel("w_up", (EXPERTS, EMBED, EXPERT_MLP), (e, d, f))
-        w_down = expert_kernel("w_down", (EXPERTS, EXPERT_MLP, EMBED), (e, f, d))
+        w_gate = expert_kernel("w_gate", (EXPERTS, EMBED, EXPERT_MLP), (stored, d, f))
+        w_up = expert_kernel("w_up", (EXPERTS, EMBED, EXPERT_MLP), (stored, d, f))
+        w_down = expert_kernel("w_down", (EXPERTS, EXPERT_MLP, EMBED), (stored, f, d))
 
-        tokens = x.reshape(b * t, d)  # [N, D]
-        # The router runs wide: near-ties between experts decide which one is chosen.
-        scores = jax.nn.sigmoid(tokens.astype(wide) @ router.astype(wide))  # [N, E]
-        weights, experts = route(scores, bias.astype(wide), k, cfg.route_scale)  # [N, K] x2
-
-        counts = jnp.bincount(experts.reshape(-1), length=e)  # [E] routed slots per expert
-        self.sow("intermediates", "expert_load", counts.astype(jnp.float32) / experts.size)
-
-        implementation = cfg.implementation
-        if implementation == "auto":
-            implementation = "blocked" if jax.default_backend() == "cpu" else "ragged"
-        experts_fn = {"ragged": _ragged_experts, "blocked": _blocked_experts,
-                      "dense": _dense_experts}[implementation]
-        y = experts_fn(tokens.astype(self.dtype), weights, experts, counts.astype(jnp.int32),
-                       w_gate, w_up, w_down)  # [N, D], wide
+        tokens = x.reshape(b * t, d).astype(self.dtype)  # [N, D]
+        if self.mesh is None or self.is_initializing():  # init: shapes only, any batch
+            weights, experts, counts = _route_local(cfg, tokens, router, bias, wide)
+            y = _grouped(cfg.implementation)(tokens, weights, experts, counts.astype(jnp.int32),
+                                             w_gate, w_up, w_down)  # [N, D], wide
+        else:
+            y, counts, dropped = _expert_parallel(cfg, self.mesh, tokens, router, bias, w_gate, w_up, w_down, wide)
+            self.sow("intermediates", "moe_dropped", dropped)
+        self.sow("intermediates", "expert_load", counts.astype(jnp.float32) / (b * t * k))
         y = y.astype(self.dtype).reshape(b, t, d)  # [B, T, D]
         if cfg.num_shared:
             y = y + MLP(cfg.num_shared * f, self.dtype, self.param_dtype, name="shared")(x)

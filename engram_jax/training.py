@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from engram_jax import model as model_lib
 from engram_jax.hashing_device import DeviceHasher
@@ -56,10 +57,11 @@ class TrainState:
 
 
 def init_state(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
-               rng: jax.Array) -> TrainState:
-    """A fresh state. Jit it with `out_shardings` to create it directly where it lives."""
+               rng: jax.Array, mesh: Mesh | None = None) -> TrainState:
+    """A fresh state. Jit it with `out_shardings` to create it directly where it lives;
+    `mesh`: the train step's (expert kernels are stored padded for its `expert` axis)."""
     model_rng, table_rng = jax.random.split(rng)
-    variables = nn.unbox(model_lib.init_variables(config, model_rng))
+    variables = nn.unbox(model_lib.init_variables(config, model_rng, mesh))
     params = variables["params"]
     table_state = tables.init(table_rng) if tables is not None else TableState(rows={}, slots={})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, moe_bias=variables.get("moe_bias", {}),
@@ -81,14 +83,16 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def forward(config: ModelConfig, params, moe_bias, batch, memory) -> tuple[jax.Array, dict]:
+def forward(config: ModelConfig, params, moe_bias, batch, memory, mesh: Mesh | None = None
+            ) -> tuple[jax.Array, dict]:
     """Loss and the sown intermediates (gates, expert loads) of one batch.
 
     Args:
       batch: "inputs", "targets" and, for packed documents, "segment_ids" and "positions".
       memory: `{layer: [B, T, d_mem]}` the looked-up memory vectors (`Tables.lookup`).
+      mesh: the step's mesh, for expert parallelism (None: one program, GSPMD).
     """
-    logits, state = Model(config).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"], memory,
+    logits, state = Model(config, mesh).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"], memory,
                                         batch.get("segment_ids"), batch.get("positions"),
                                         mutable=["intermediates"])
     return cross_entropy(logits, batch["targets"]), state.get("intermediates", {})
@@ -116,6 +120,8 @@ def _summaries(intermediates: dict) -> dict[str, jax.Array]:
     for path, load in _module_values(intermediates, "expert_load").items():
         out[f"moe_load/{path[0]}"] = load
         out[f"moe_load_max/{path[0]}"] = load.max() * load.shape[0]
+    for path, dropped in _module_values(intermediates, "moe_dropped").items():
+        out[f"moe_dropped/{path[0]}"] = dropped
     for path, gate in _module_values(intermediates, "gate").items():
         out[f"engram_gate/{path[0]}"] = gate.mean()
     return out
@@ -123,17 +129,19 @@ def _summaries(intermediates: dict) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax.GradientTransformation,
                tables: Tables | None, lr_schedule: optax.Schedule, table_lr_multiplier: float,
-               clip_norm: float, bias_rate: float, hasher: DeviceHasher | None = None) -> tuple[TrainState, dict]:
+               clip_norm: float, bias_rate: float, hasher: DeviceHasher | None = None,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict]:
     """One update: lookup, gradients, clipping, both optimizers, and the biases' balancing.
 
     Args:
       hasher: hashes the batch's tokens in the step when the batch has no hash ids
         (`EngramConfig.hash_on_device`).
+      mesh: the step's mesh, for expert parallelism (see `forward`).
     """
     batch = {**batch, "hash_ids": hash_ids_of(batch, hasher)}
     memory, lookup_stats = lookup(tables, state.tables.rows, batch)
     (loss, inter), (grads, g_memory) = jax.value_and_grad(
-        lambda p, e: forward(config, p, state.moe_bias, batch, e), argnums=(0, 1), has_aux=True)(
+        lambda p, e: forward(config, p, state.moe_bias, batch, e, mesh), argnums=(0, 1), has_aux=True)(
         state.params, memory)
     squared = optax.tree.norm(grads, squared=True)
     table_state = state.tables
@@ -175,36 +183,38 @@ def _lookup_summaries(stats: dict, batch: dict) -> dict:
 
 
 def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None,
-              hasher: DeviceHasher | None = None) -> dict:
+              hasher: DeviceHasher | None = None, mesh: Mesh | None = None) -> dict:
     """Summed loss and token count of one batch (sum, so that batches average exactly).
 
     Args:
       rows: `TableState.rows` (the optimizer slots are not needed).
     """
     memory, _ = lookup(tables, rows, batch, hasher=hasher)
-    loss, inter = forward(config, params, moe_bias, batch, memory)
+    loss, inter = forward(config, params, moe_bias, batch, memory, mesh)
     tokens = batch["targets"].size
     return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter)}
 
 
 def jit_steps(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
               lr_schedule: optax.Schedule, bias_rate: float, *, table_lr_multiplier: float = 5.0,
-              clip_norm: float = 1.0, state_sharding=None, batch_sharding=None, hasher: DeviceHasher | None = None):
+              clip_norm: float = 1.0, state_sharding=None, batch_sharding=None, hasher: DeviceHasher | None = None,
+              mesh: Mesh | None = None):
     """The train and eval steps, jitted once with explicit shardings; the state is donated.
 
     Args:
       tables: the table engine (None without Engram); its mesh is the steps' mesh.
       hasher: hashes batches that carry only tokens, in the step.
+      mesh: the steps' mesh, for expert parallelism (None: GSPMD decides).
 
     Returns:
       (train(state, batch) -> (state, metrics), evaluate(state, batch) -> metrics).
     """
     train = jax.jit(functools.partial(train_step, config=config, tx=tx, tables=tables, lr_schedule=lr_schedule,
                                       table_lr_multiplier=table_lr_multiplier, clip_norm=clip_norm,
-                                      bias_rate=bias_rate, hasher=hasher),
+                                      bias_rate=bias_rate, hasher=hasher, mesh=mesh),
                     in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                     donate_argnums=0)
     evaluate = jax.jit(lambda state, batch: eval_step(state.params, state.moe_bias, state.tables.rows, batch,
-                                                      config=config, tables=tables, hasher=hasher),
+                                                      config=config, tables=tables, hasher=hasher, mesh=mesh),
                        in_shardings=(state_sharding, batch_sharding))
     return train, evaluate

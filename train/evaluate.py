@@ -100,7 +100,8 @@ class Trained:
             self.hasher = self.config.model.engram.make_hasher(lookup)
 
     def validate(self) -> dict:
-        evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model, tables=self.tables))
+        evaluate = jax.jit(functools.partial(training.eval_step, config=self.config.model, tables=self.tables,
+                                             mesh=self.mesh))
         v = self.variables
         return Validation(self.config, self.tokenizer, self.hasher).metrics(
             lambda batch: evaluate(v["params"], v["moe_bias"], self.rows, batch), self.mesh)
@@ -174,10 +175,12 @@ def _restore_model(checkpoints: Checkpoints, step: int):
     from train.run import RunConfig, make_tables  # train.run imports this module
 
     config = RunConfig.from_dict(checkpoints.read_config(step))
-    mesh = sharding.make_mesh(config.mesh)
-    tables = make_tables(config, mesh)
+    # This machine's devices, all on `data`, whatever the training mesh was: expert
+    # kernels restore without the training mesh's padding experts, tables re-split.
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    tables = make_tables(config.replace(mesh=sharding.MeshConfig()), mesh)
     shapes = model_lib.variable_shapes(config.model)
-    shardings = sharding.tree_shardings(mesh, sharding.logical_axes(shapes))
+    shardings = sharding.tree_shardings(mesh, sharding.logical_axes(shapes), nn.unbox(shapes))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.unbox(shapes), shardings)
     rows = tables.abstract_state().rows if tables else {}

@@ -21,6 +21,7 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -250,11 +251,12 @@ class Run:
         self.validation = Validation(config, self.tokenizer, self.pipeline_hasher)
         self.mesh = sharding.make_mesh(config.mesh)
         self.tables = make_tables(config, self.mesh)
-        shapes = model.variable_shapes(config.model)
-        self.axes = sharding.logical_axes(shapes)
+        self.shapes = model.variable_shapes(config.model, self.mesh)
+        self.axes = sharding.logical_axes(self.shapes)
         self.schedule = optim.schedule(config.optim, config.steps)
         self.tx = optim.build_optimizer(config.optim, self.axes["params"], config.steps)
-        self._init = lambda: training.init_state(config.model, self.tx, self.tables, jax.random.key(config.seed))
+        self._init = lambda: training.init_state(config.model, self.tx, self.tables, jax.random.key(config.seed),
+                                                 self.mesh)
         self.abstract_state = jax.eval_shape(self._init)
         self.state_sharding = self._state_sharding()
         bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
@@ -262,12 +264,12 @@ class Run:
             config.model, self.tx, self.tables, self.schedule, bias_rate,
             table_lr_multiplier=config.optim.table_lr_multiplier, clip_norm=config.optim.clip_norm,
             state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh),
-            hasher=self.device_hasher)
+            hasher=self.device_hasher, mesh=self.mesh)
 
     def _state_sharding(self):
         """Params and optimizer moments follow the params' logical axes; tables their
         placement; scalars replicate."""
-        params = sharding.tree_shardings(self.mesh, self.axes["params"])
+        params = sharding.tree_shardings(self.mesh, self.axes["params"], nn.unbox(self.shapes)["params"])
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         opt = sharding.like_params(self.abstract_state.opt_state, params, replicated)  # moments follow params
         bias = jax.tree.map(lambda _: replicated, self.abstract_state.moe_bias)
