@@ -2,6 +2,8 @@
 
 Models (`get(name)`; `names()` lists them):
 - `tiny`: trains in minutes on 2 CPU cores; `small`: about 100M parameters.
+  Every preset but `tiny` recomputes its blocks' activations in the backward pass
+  (`remat="full"`); runs of identical blocks are stacked with nn.scan (`scan_layers`).
 - `moe-27b`, `engram-27b`, `engram-40b`: the paper's models (Table 5): 30 layers,
   D = 2560, MLA with 32 heads, mHC with 4 branches, 2 shared + 72 (MoE) or 55 (Engram)
   routed experts, top-6, 1 leading dense layer, vocabulary 129,280.
@@ -110,6 +112,9 @@ def _small() -> ModelConfig:
         engram=EngramConfig(layer_ids=(1, 4), max_ngram_size=3, heads_per_ngram=8, embed_per_ngram=256,
                             table_sizes=(20_011, 20_011), pad_id=1, table_init_std=0.02),
         embed_init_std=0.02,
+        # At its run's batch (32 x 512) the step keeps 27.9 GiB of activations without
+        # recomputation, 5.5 GiB with it (benchmarks/bench_memory.py).
+        remat="full",
     )
 
 
@@ -122,7 +127,7 @@ def _moe_27b() -> ModelConfig:
     return ModelConfig(
         vocab_size=129_280, hidden_size=2560, num_layers=30, attention=_mla_27b(),
         mlp_dim=12_288, moe=MoEConfig(num_experts=72, num_shared=2, top_k=6, expert_dim=1536), dense_layers=1,
-        mhc=MHCConfig(branches=4), engram=None, embed_init_std=_DEEPSEEK_INIT_STD, dtype="bfloat16", remat=True,
+        mhc=MHCConfig(branches=4), engram=None, embed_init_std=_DEEPSEEK_INIT_STD, dtype="bfloat16", remat="full",
     )
 
 
@@ -141,7 +146,7 @@ def _ablation_moe_3b() -> ModelConfig:
         attention=AttentionConfig(kind="mla", num_heads=16, q_lora_rank=512, kv_lora_rank=256, qk_nope_dim=64,
                                   qk_rope_dim=32, v_head_dim=64),
         mlp_dim=8 * 896, moe=MoEConfig(num_experts=64, num_shared=2, top_k=6, expert_dim=896), dense_layers=1,
-        mhc=MHCConfig(branches=4), engram=None, embed_init_std=_DEEPSEEK_INIT_STD, dtype="bfloat16",
+        mhc=MHCConfig(branches=4), engram=None, embed_init_std=_DEEPSEEK_INIT_STD, dtype="bfloat16", remat="full",
     )
 
 

@@ -27,11 +27,17 @@ a document see the last tokens of the previous one through Engram only.
 
 Grain runs the rest on `MapDataset`s, so every element has an index and the iterator's
 state is one integer: training reads windows in a seeded permutation that is redrawn
-each epoch (`shuffle(seed).repeat()`: epoch k uses seed + k), process p of P takes
-global positions p, p + P, ... (so the P half-batches of step k are exactly the rows of
-the single-process batch k), then `batch(B / P)` and the hashing map, which runs in
-Grain's threads or, with `num_workers > 0`, its worker processes (`mp_prefetch`).
-Validation reads windows in order, truncated to whole global batches, once.
+each epoch (`shuffle(seed).repeat()`: epoch k uses seed + k), then `batch(B / P)`, and
+process p of P takes batches p, p + P, ...: its part of step k is rows p B/P .. (p + 1)
+B/P - 1 of the single-process batch k, in order, so the global batch that
+`sharding.global_batch` assembles (process p's devices hold the p-th B/P rows) is that
+batch exactly. Then the hashing map runs in Grain's threads or, with `num_workers > 0`,
+its worker processes (`mp_prefetch`). Validation reads windows in order, truncated to
+whole global batches, once.
+
+In a multi-process run every process must see the same tokenizer and token stream:
+`shared_tokenizer` and `shared_compression` build them on process 0 only and send them
+to the others, and `check_same_data` compares the processes' fingerprints.
 
 Why not Grain's packing (`ConcatThenSplitIterDataset`): it is an `IterDataset`, after
 which only a windowed shuffle is possible and resuming replays the packer; packing a
@@ -53,6 +59,7 @@ import re
 import sysconfig
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import grain
@@ -60,7 +67,7 @@ from absl import flags
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engram_jax.compression import default_cache_dir
+from engram_jax.compression import Compression, compress_tokenizer, default_cache_dir, tokenizer_fingerprint
 from engram_jax.config_base import Config
 from engram_jax.hashing import NgramHasher
 
@@ -445,6 +452,106 @@ def bytes_per_token(config: DataConfig, tokenizer: Tokenizer, split: str = "vali
     return num_bytes / len(_token_stream(config, tokenizer, docs))
 
 
+# ----------------------------------------------------------------------------- processes
+
+def _from_process_0(build: Callable[[], bytes], what: str) -> bytes:
+    """`build()` run on process 0 only, its bytes sent to every process.
+
+    An error of process 0 is raised there and, as a ValueError naming `what`, on the
+    others, so that no process waits for data that will not come.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return build()
+    lead = jax.process_index() == 0
+    payload, error = b"", None
+    if lead:
+        try:
+            payload = build()
+        except Exception as err:  # noqa: BLE001 (every process must reach the broadcasts below)
+            error, payload = err, f"{type(err).__name__}: {err}".encode()
+    size, failed = multihost_utils.broadcast_one_to_all(np.array([len(payload), error is not None], np.int32))
+    buffer = np.frombuffer(payload, np.uint8) if lead else np.zeros(int(size), np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8).tobytes()
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"process 0 could not build the {what}: {received.decode(errors='replace')}")
+    return received
+
+
+def shared_tokenizer(config: DataConfig) -> Tokenizer:
+    """`load_tokenizer(config)` on process 0, sent as JSON to the other processes.
+
+    A BPE is trained once per run, not once per process, and every process holds the
+    same tokenizer even where their caches (or their Hub access) differ. With one
+    process this is `load_tokenizer(config)`.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return load_tokenizer(config)
+    text = _from_process_0(lambda: load_tokenizer(config).to_str().encode("utf-8"), "tokenizer")
+    return Tokenizer.from_str(text.decode("utf-8"))  # on process 0 too: one object for all
+
+
+def shared_compression(tokenizer: Tokenizer, cache_dir: str | os.PathLike) -> Compression:
+    """`compress_tokenizer(tokenizer, cache_dir)` on process 0, its lookup sent to the others.
+
+    With one process this is `compress_tokenizer(tokenizer, cache_dir)`.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return compress_tokenizer(tokenizer, cache_dir)
+    raw = _from_process_0(lambda: np.ascontiguousarray(compress_tokenizer(tokenizer, cache_dir).lookup, "<i8")
+                          .tobytes(), "compression table")
+    return Compression(np.frombuffer(raw, "<i8").astype(np.int64), tokenizer_fingerprint(tokenizer))
+
+
+def _sha256(data: bytes | np.ndarray) -> bytes:
+    return hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).data).digest()
+
+
+def check_same_data(config: DataConfig, tokenizer: Tokenizer, compression: Compression | None = None) -> None:
+    """Checks that every process holds the same tokenizer, compression and token streams.
+
+    Process 0 tokenizes both splits first (filling a cache that the others may share),
+    then the others do; each process's sha256 of the tokenizer JSON, of the compression
+    lookup and of each split's token stream is compared with process 0's. A process
+    that reads another corpus (another `data.source`, another Python's stdlib) would
+    otherwise train on batches that are not one consistent global batch. Nothing is
+    done with one process.
+
+    Raises:
+      ValueError: naming the first process and item that differ from process 0's.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    if jax.process_index() == 0:
+        streams = {split: tokenize_split(config, tokenizer, split) for split in SPLITS}
+    multihost_utils.sync_global_devices("engram_jax token streams cached by process 0")
+    if jax.process_index() != 0:
+        streams = {split: tokenize_split(config, tokenizer, split) for split in SPLITS}
+    digests = {"tokenizer": _sha256(tokenizer.to_str().encode("utf-8"))}
+    if compression is not None:
+        digests["compression table"] = _sha256(np.ascontiguousarray(compression.lookup, "<i8"))
+    digests.update({f"{split} token stream": _sha256(tokens) for split, tokens in streams.items()})
+    local = np.frombuffer(b"".join(digests.values()), np.uint8).reshape(len(digests), 32)
+    every = np.asarray(multihost_utils.process_allgather(local))  # [P, items, 32]
+    for process, theirs in enumerate(every[1:], 1):
+        for name, lead, other in zip(digests, every[0], theirs):
+            if not np.array_equal(lead, other):
+                raise ValueError(f"process {process}'s {name} (sha256 {other.tobytes().hex()[:12]}) differs "
+                                 f"from process 0's ({lead.tobytes().hex()[:12]}): every process must read "
+                                 "the same data.source and tokenizer")
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 class _Windows:
@@ -574,8 +681,9 @@ class Pipeline:
                                  f"{windows.window} tokens, fewer than batch_size = "
                                  f"{config.batch_size}")
             ds = ds[:whole]  # every process gets the same number of batches
-        ds = ds[index::count]
         ds = ds.batch(self.local_batch_size, drop_remainder=True)  # [B_local, T + 1]
+        if count > 1:
+            ds = ds[index::count]  # step k: rows index * B_local ... of the global batch k
         eod = eod_id(tokenizer, config.eod_token) if config.segment_ids else None
         self.dataset = ds.map(_MakeBatch(hasher, eod))
 

@@ -14,6 +14,13 @@ Windows that pack several documents pass segment ids and positions [B, T]: atten
 then stays within each document and its rotary positions restart there. Engram reads
 across the boundary (its n-grams and short conv), as DeepSeek's reference does.
 
+Runs of consecutive identical blocks (the same FFN kind, no Engram) are stacked with
+`nn.scan` (`scan_layers`): one block is compiled per run, and its parameters carry a
+leading `layers` axis (a module `blocks_<first>_<last>`; single blocks stay `block_<i>`).
+Each block can recompute its activations in the backward pass under a policy (`remat`).
+For a loss that never holds all [B, T, V] logits, `Model(..., return_hidden=True)`
+returns the final hidden states and the LM-head kernel (`training.chunked_cross_entropy`).
+
 Engram's hash ids arrive with the batch, one [B, T, H] array per Engram layer; they
 are computed on the host by `NgramHasher` in the input pipeline (paper section 2.5).
 The tables are not parameters of this model: the train step looks the rows up first
@@ -30,9 +37,10 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import lift
 from jax.sharding import Mesh
 
-from engram_jax import mhc
+from engram_jax import mhc, sharding
 from engram_jax.attention import Attention, AttentionConfig
 from engram_jax.config_base import Config
 from engram_jax.engram import Engram, EngramConfig
@@ -41,6 +49,16 @@ from engram_jax.mlp import MLP, mlp_params
 from engram_jax.moe import MoE, MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a block keeps for the backward pass ("none": everything, no recomputation).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # the block's inputs only
+    # Matmuls with a weight (projections, experts, LM head): the FLOP-heavy results;
+    # norms, activations and attention scores (batched dots) are recomputed.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Logical name of the leading axis of parameters stacked by `nn.scan` (replicated).
+LAYERS = "layers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +81,13 @@ class ModelConfig(Config):
       norm_eps: epsilon of the block and final RMSNorms.
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay `param_dtype`).
       param_dtype: parameter dtype.
-      remat: recompute each block's activations in the backward pass (saves memory).
+      scan_layers: stack runs of identical blocks with `nn.scan` (compiles each run
+        once: seconds instead of minutes for 30 layers); False unrolls every block.
+      remat: what each block keeps for its backward pass, one of REMAT_POLICIES:
+        "none" (everything), "full" (its input only: recompute the rest), "save_dots"
+        (also its weight matmuls).
+      loss_chunk: time steps per chunk of the training loss: float32 logits exist for
+        [B, loss_chunk, V] at a time (`training.chunked_cross_entropy`); 0: all T.
     """
 
     vocab_size: int = 4096
@@ -80,7 +104,9 @@ class ModelConfig(Config):
     norm_eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    scan_layers: bool = True
+    remat: str = "none"
+    loss_chunk: int = 128
 
     def validate(self) -> None:
         self.check(self.vocab_size >= 2, "vocab_size", "must be >= 2")
@@ -92,6 +118,8 @@ class ModelConfig(Config):
         self.check(self.norm_eps > 0, "norm_eps", "must be > 0")
         self.check(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
         self.check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {sorted(DTYPES)}")
+        self.check(self.remat in REMAT_POLICIES, "remat", f"must be one of {', '.join(REMAT_POLICIES)}")
+        self.check(self.loss_chunk >= 0, "loss_chunk", "must be >= 0 (0: the whole sequence at once)")
         if self.engram is not None:
             self.check(max(self.engram.layer_ids) < self.num_layers, "engram",
                        f"layer_ids {list(self.engram.layer_ids)} must be < num_layers = {self.num_layers}")
@@ -112,11 +140,85 @@ class ModelConfig(Config):
     def has_engram(self, layer: int) -> bool:
         return self.engram is not None and layer in self.engram.layer_ids
 
+    @property
+    def block_groups(self) -> tuple[tuple[int, int], ...]:
+        """(first layer, count) of each module of blocks, in order: runs of identical
+        blocks (same FFN kind, no Engram) with `scan_layers`, else single blocks."""
+        groups: list[tuple[int, int]] = []
+        for layer in range(self.num_layers):
+            if groups and self.scan_layers and not self.has_engram(layer):
+                first, count = groups[-1]
+                if not self.has_engram(first) and self.is_moe(first) == self.is_moe(layer):
+                    groups[-1] = (first, count + 1)
+                    continue
+            groups.append((layer, 1))
+        return tuple(groups)
+
+
+def group_name(first: int, count: int) -> str:
+    """Module name of `count` blocks from layer `first`: block_3, or blocks_5_7 (scanned)."""
+    return f"block_{first}" if count == 1 else f"blocks_{first}_{first + count - 1}"
+
+
+def layers_of(name: str) -> list[int]:
+    """The layers a module of `group_name` holds, in stacking order: block_3 -> [3],
+    blocks_5_7 -> [5, 6, 7]."""
+    kind, *bounds = name.split("_")
+    if kind not in ("block", "blocks") or len(bounds) != (1 if kind == "block" else 2):
+        raise ValueError(f"{name!r} is not a module of blocks")
+    return list(range(int(bounds[0]), int(bounds[-1]) + 1))
+
 
 def _norm(config: ModelConfig, name: str) -> nn.RMSNorm:
     return nn.RMSNorm(epsilon=config.norm_eps, dtype=DTYPES[config.dtype],
                       param_dtype=DTYPES[config.param_dtype], name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))
+
+
+def _tied_checkpoint(fun, policy):
+    """`jax.checkpoint(fun, policy)` whose recomputation waits for the output cotangent.
+
+    XLA:CPU expands jax.checkpoint's optimization barriers before its CSE pass, which
+    then merges the backward's recomputation into the forward: outside a loop, remat
+    saves nothing there (measured: small's train step 33.9 GiB of temporaries without
+    remat, 31.6 GiB with it). Here the backward adds 0 * (one element of the cotangent)
+    to everything saved, parameters included: XLA may not fold x + 0 * c for floats (c
+    may be inf or nan), so the recomputation is new work that can only start once the
+    cotangent has arrived, on every backend. (Left untied, a norm scale broadcast to
+    [B, T, G, D] is computed once and kept from the forward to the backward.)
+    """
+
+    @jax.custom_vjp
+    def run(*args):
+        return fun(*args)
+
+    def forward(*args):
+        return jax.vjp(jax.checkpoint(fun, policy=policy, prevent_cse=False), *args)
+
+    def backward(saved, cotangent):
+        anchor = next(c for c in jax.tree.leaves(cotangent) if jnp.issubdtype(c.dtype, jnp.inexact) and c.size)
+        zero = anchor.reshape(-1)[0] * 0
+
+        def tie(x):
+            return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+        return jax.tree.map(tie, saved)(cotangent)
+
+    run.defvjp(forward, backward)
+    return run
+
+
+def _lift_remat(fn, policy):
+    """`flax.core.lift.checkpoint` with `_tied_checkpoint` in place of jax.checkpoint."""
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+        def rematted(variable_groups, rng_groups, *args):
+            scope = scope_fn(variable_groups, rng_groups)
+            return fn(scope, *args), repack_fn(scope)
+
+        return _tied_checkpoint(rematted, policy)(variable_groups, rng_groups, *args)
+
+    return lift.pack(inner, (True,), (True,), (True,), name="remat")
 
 
 class Block(nn.Module):
@@ -146,7 +248,10 @@ class Block(nn.Module):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         if cfg.has_engram(self.layer):
-            engram = Engram(cfg.engram, self.layer, dtype, param_dtype, name="engram")
+            # Recomputed on its own too: its [B, T, G, D] float32 norms are the largest
+            # activations of a block, and need not coexist with attention's and the FFN's
+            # in the block's backward (measured on `small`: 7.3 -> 5.5 GiB of temporaries).
+            engram = _remat_class(Engram, cfg.remat)(cfg.engram, self.layer, dtype, param_dtype, name="engram")
             if cfg.engram.multi_branch or cfg.branches == 1:
                 x = x + engram(x, memory)  # every branch gated by its own state (eq. 6)
             else:  # ablation: one gate on the stream read by H_pre, written back by mHC
@@ -159,7 +264,33 @@ class Block(nn.Module):
             ffn = MoE(cfg.moe, dtype, param_dtype, self.mesh, name="moe")
         else:
             ffn = MLP(cfg.mlp_dim, dtype, param_dtype, name="mlp")
-        return self.sublayer(x, lambda h: ffn(_norm(cfg, "ffn_norm")(h)), "ffn")
+        return sharding.constrain_batch(self.sublayer(x, lambda h: ffn(_norm(cfg, "ffn_norm")(h)), "ffn"),
+                                        self.mesh)
+
+
+def _remat_class(module: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`module`, recomputed in the backward pass under REMAT_POLICIES[remat]."""
+    if remat == "none":
+        return module
+    return nn.transforms.lift_transform(_lift_remat, module, REMAT_POLICIES[remat])
+
+
+def _scanned_block(block: nn.Module, x, segment_ids, positions):
+    """nn.scan's body: one block of a run (no Engram, so no memory)."""
+    return block(x, None, segment_ids, positions), None
+
+
+class LMHead(nn.Module):
+    """The LM-head kernel [D, V] (the `kernel` of an nn.Dense named lm_head)."""
+
+    hidden_size: int
+    vocab_size: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
+        return self.param("kernel", init, (self.hidden_size, self.vocab_size), self.param_dtype)
 
 
 class Model(nn.Module):
@@ -177,8 +308,9 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
-                 segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Next-token logits.
+                 segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
+                 return_hidden: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+        """Next-token logits (or what computes them).
 
         Args:
           tokens: [B, T] integer token ids.
@@ -188,9 +320,13 @@ class Model(nn.Module):
             stays within a document. None: each row is one document.
           positions: [B, T] integer position of each token within its document, for
             RoPE. None: 0..T-1.
+          return_hidden: return (hidden, kernel) instead of the logits, for a loss
+            computed in chunks: logits = (hidden @ kernel) as float32.
 
         Returns:
-          [B, T, V] float32 logits.
+          [B, T, V] float32 logits; with return_hidden, the final hidden states
+          [B, T, D] and the LM-head kernel [D, V] (the transposed embedding when tied),
+          both in the dtype the head computes in.
         """
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -208,18 +344,39 @@ class Model(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=DTYPES[cfg.param_dtype], name="embed",
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")))
-        x = mhc.expand(embed(tokens).astype(dtype), cfg.branches)  # [B, T, G, D]
-        block = nn.remat(Block) if cfg.remat else Block
-        for i in range(cfg.num_layers):
-            x = block(cfg, i, self.mesh, name=f"block_{i}")(x, memory.get(i), segment_ids, positions)
-        h = _norm(cfg, "final_norm")(mhc.reduce(x))  # [B, T, D]
-        if cfg.tie_embeddings:
-            logits = embed.attend(h.astype(DTYPES[cfg.param_dtype]))
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=DTYPES[cfg.param_dtype],
-                              kernel_init=nn.with_logical_partitioning(
-                                  nn.initializers.lecun_normal(), ("embed", "vocab")), name="lm_head")(h)
-        return logits.astype(jnp.float32)  # [B, T, V]
+        # With a mesh, activations stay split by batch over every device: GSPMD then
+        # gathers fsdp-split weights where they are used rather than the batch.
+        # The table is gathered whole first (ZeRO-3), so that looking tokens up needs no
+        # exchange of activations.
+        table = sharding.constrain_replicated(embed.embedding, self.mesh)  # [V, D]
+        x = sharding.constrain_batch(mhc.expand(jnp.take(table, tokens, axis=0).astype(dtype), cfg.branches),
+                                     self.mesh)  # [B, T, G, D]
+        block = _remat_class(Block, cfg.remat)
+        for first, count in cfg.block_groups:
+            name = group_name(first, count)
+            if count == 1:
+                x = block(cfg, first, self.mesh, name=name)(x, memory.get(first), segment_ids, positions)
+                continue
+            # Every collection gets a leading axis of `count` layers: params, the MoE
+            # biases [L, E] and the sown intermediates (expert loads [L, E]).
+            run = nn.scan(_scanned_block, variable_axes={"params": 0, "moe_bias": 0, "intermediates": 0},
+                          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast), length=count,
+                          metadata_params={nn.PARTITION_NAME: LAYERS})
+            x, _ = run(block(cfg, first, self.mesh, name=name), x, segment_ids, positions)  # [B, T, G, D]
+        h = sharding.constrain_batch(_norm(cfg, "final_norm")(mhc.reduce(x)), self.mesh)  # [B, T, D]
+        if cfg.tie_embeddings:  # nn.Embed.attend: in the parameters' dtype
+            h, kernel = h.astype(DTYPES[cfg.param_dtype]), embed.embedding.T  # [B, T, D], [D, V]
+        else:  # as an nn.Dense in the compute dtype
+            kernel = LMHead(cfg.hidden_size, cfg.vocab_size, DTYPES[cfg.param_dtype], name="lm_head")()
+            h, kernel = h.astype(dtype), kernel.astype(dtype)
+        if return_hidden:
+            return h, kernel
+        return logits_of(h, kernel)  # [B, T, V]
+
+
+def logits_of(hidden: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """Float32 logits [..., V] of hidden states [..., D] and the LM-head kernel [D, V]."""
+    return jax.lax.dot_general(hidden, kernel, (((hidden.ndim - 1,), (0,)), ((), ()))).astype(jnp.float32)
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, seq: int = 1) -> tuple[jnp.ndarray, dict]:
@@ -280,6 +437,16 @@ def _leaves(tree) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     return [(tuple(getattr(k, "key", str(k)) for k in path), tuple(leaf.shape)) for path, leaf in flat]
 
 
+def _routed(path: tuple[str, ...], shape: tuple[int, ...], experts: int) -> int:
+    """Routed-expert parameters of one leaf: a MoE's w_gate, w_up or w_down, [E', in, out]
+    or, stacked by nn.scan, [L, E', in, out]; of the E' stored experts (padded for an
+    expert mesh axis, `MoEConfig.padded_experts`) only E count."""
+    if path[-2:-1] != ("moe",) or path[-1] not in ("w_gate", "w_up", "w_down"):  # not moe/shared/...
+        return 0
+    stored = shape[-3]  # the expert axis
+    return math.prod(shape) // stored * experts
+
+
 def count_params(config: ModelConfig) -> ParamCount:
     """Counts parameters from `jax.eval_shape` of init (no array is allocated); the
     Engram tables, which live beside the parameters, from their head primes."""
@@ -288,8 +455,7 @@ def count_params(config: ModelConfig) -> ParamCount:
     total = sum(math.prod(s) for _, s in leaves) + engram
     engram_layers = sum(math.prod(s) for p, s in leaves if {"engram", "engram_hc"} & set(p))
     experts = config.moe.num_experts if config.moe else 0
-    # Routed experts: the kernels of a MoE stacked over a leading expert axis.
-    routed = sum(math.prod(s) for p, s in leaves if "moe" in p and len(s) == 3 and s[0] == experts)
+    routed = sum(_routed(p, s, experts) for p, s in leaves)
     embedding = config.vocab_size * config.hidden_size
     lm_head = 0 if config.tie_embeddings else embedding
     routed_idle = routed - routed * config.moe.top_k // experts if experts else 0

@@ -202,8 +202,8 @@ def _blocked_experts(x, weights, experts, group_sizes, w_gate, w_up, w_down):
     """Each token through its K experts, grouped in blocks: [N, D] -> [N, D].
 
     The N * K (token, slot) pairs are sorted by expert and each expert's group is padded
-    to whole blocks of `_block_size` rows, so every block belongs to one expert; the
-    blocks run as one batched matmul with their experts' kernels gathered. Work is
+    to whole blocks of `_block_size` rows, so every block belongs to one expert; a loop
+    over the blocks runs each with its expert's kernels (`_expert_blocks`). Work is
     (N * K + E * block) * D * F instead of the dense E * N * D * F; no token is dropped.
     """
     n, k = experts.shape
@@ -218,17 +218,88 @@ def _blocked_experts(x, weights, experts, group_sizes, w_gate, w_up, w_down):
     padded_start = jnp.cumsum(padded) - padded  # [E]
     start = jnp.cumsum(group_sizes) - group_sizes  # [E]
     dest = padded_start[by_expert] + jnp.arange(slots) - start[by_expert]  # [S] row in the padded layout
-    xs = jnp.zeros((num_blocks * block, d), x.dtype).at[dest].set(x[order // k], unique_indices=True)
+    # Rows move by gathers with integer maps, never by scatters into zero [rows, D]
+    # buffers: XLA computes such a constant once and keeps it from the forward to the
+    # rematerialised backward (measured: 6 x 70 MB for `small`). Padding rows read the
+    # zero row appended at index S (their cotangents are exact zeros).
+    source = jnp.full((num_blocks * block,), slots, jnp.int32).at[dest].set(jnp.arange(slots, dtype=jnp.int32))
+    xs = jnp.concatenate([x[order // k], jnp.zeros((1, d), x.dtype)])[source]  # [nb * b, D]
     # Block j belongs to the expert whose padded range holds row j * block; blocks past
     # the last group compute on zeros and are never read.
     owner = jnp.searchsorted(padded_start + padded, jnp.arange(num_blocks) * block, side="right")
-    owner = jnp.minimum(owner, e - 1)  # [num_blocks]
-    xb = xs.reshape(num_blocks, block, d)  # [nb, b, D]
-    h = nn.silu(jnp.einsum("nbd,ndf->nbf", xb, w_gate[owner])) * jnp.einsum(
-        "nbd,ndf->nbf", xb, w_up[owner])  # [nb, b, F]
-    ys = jnp.einsum("nbf,nfd->nbd", h, w_down[owner]).reshape(-1, d)  # [nb * b, D]
-    y = jnp.zeros((slots, d), ys.dtype).at[order].set(ys[dest], unique_indices=True).reshape(n, k, d)
+    owner = jnp.minimum(owner, e - 1).astype(jnp.int32)  # [nb]
+    kernels = (_varying_like(w, xs) for w in (w_gate, w_up, w_down))
+    ys = _expert_blocks(xs.reshape(num_blocks, block, d), owner, *kernels).reshape(-1, d)  # [nb * b, D]
+    row = jnp.zeros((slots,), jnp.int32).at[order].set(dest.astype(jnp.int32))  # [S] (token, slot) -> padded row
+    y = ys[row].reshape(n, k, d)  # [N, K, D]
     return jnp.einsum("nkd,nk->nd", y.astype(weights.dtype), weights)  # [N, D]
+
+
+@jax.custom_vjp
+def _expert_blocks(xb, owner, w_gate, w_up, w_down):
+    """SwiGLU of each block with its own expert's kernels: [nb, b, D] -> [nb, b, D].
+
+    A `lax.scan` over blocks that slices kernel `owner[j]` out of the stacked [E, ...]
+    kernels, so no per-block copy of the kernels is ever made (gathering them, as one
+    batched matmul would, takes nb x D x F per kernel: 3 x 210 MB per layer for `small`
+    at its preset batch, and as much again for their gradients). The backward is
+    written out (`_expert_blocks_bwd`): differentiating the scan would add a zero
+    [E, D, F] gradient per block.
+
+    Args:
+      xb: [nb, b, D] rows of the blocks; owner: [nb] int32 expert of each block.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+    """
+    return _expert_blocks_fwd(xb, owner, w_gate, w_up, w_down)[0]
+
+
+def _expert_blocks_fwd(xb, owner, w_gate, w_up, w_down):
+    def one(_, inputs):
+        rows, o = inputs  # [b, D], expert
+        g, u = rows @ w_gate[o], rows @ w_up[o]  # [b, F] x2
+        return None, (g, u, (nn.silu(g) * u) @ w_down[o])  # [b, D]
+
+    _, (g, u, y) = jax.lax.scan(one, None, (xb, owner))
+    return y, (xb, owner, w_gate, w_up, w_down, g, u)  # g, u [nb, b, F]: no recomputation
+
+
+def _expert_blocks_bwd(saved, dy):
+    xb, owner, w_gate, w_up, w_down, g, u = saved
+    wide = jnp.promote_types(w_gate.dtype, jnp.float32)  # gradients summed over blocks
+
+    def one(grads, inputs):
+        rows, o, g, u, dy = inputs  # [b, D], expert, [b, F], [b, F], [b, D]
+        d_gate, d_up, d_down = grads
+        sig = jax.nn.sigmoid(g)
+        dh = dy @ w_down[o].T  # [b, F]
+        dg = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+        du = dh * g * sig
+        dx = dg @ w_gate[o].T + du @ w_up[o].T  # [b, D]
+        add = lambda acc, update: acc.at[o].add(update.astype(wide))  # noqa: E731  (in place in the loop)
+        grads = (add(d_gate, rows.T @ dg), add(d_up, rows.T @ du), add(d_down, (g * sig * u).T @ dy))
+        return grads, dx
+
+    zeros = tuple(_varying_like(jnp.zeros(w.shape, wide), w) for w in (w_gate, w_up, w_down))
+    (d_gate, d_up, d_down), dx = jax.lax.scan(one, zeros, (xb, owner, g, u, dy))
+    return (dx.astype(xb.dtype), None, d_gate.astype(w_gate.dtype), d_up.astype(w_up.dtype),
+            d_down.astype(w_down.dtype))
+
+
+_expert_blocks.defvjp(_expert_blocks_fwd, _expert_blocks_bwd)
+
+
+def _varying_axes(x) -> set:
+    """The manual mesh axes (inside `shard_map`) over which x differs between devices."""
+    return set(getattr(getattr(jax.typeof(x), "mat", None), "varying", None) or ())
+
+
+def _varying_like(a, *like):
+    """`a` marked as varying over the manual mesh axes that any of `like` varies over
+    (inside `shard_map`; a no-op outside): a scan's carry then keeps its type as sums
+    flow into it, and a kernel's gradient is summed over those axes (the transpose of
+    the mark) outside `_expert_blocks`' hand-written backward."""
+    axes = set().union(*map(_varying_axes, like)) - _varying_axes(a)
+    return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
 
 
 def _dense_experts(x, weights, experts, group_sizes, w_gate, w_up, w_down):
@@ -290,8 +361,16 @@ def _expert_parallel(config: MoEConfig, mesh: Mesh, tokens, router, bias, w_gate
     local_experts = w_gate.shape[0] // shards
     grouped = _grouped(config.implementation)
     axes = sharding.batch_axes(mesh)
+    # ZeRO-3: kernels arrive split over `fsdp` along D and are gathered here, so that
+    # their gradients leave reduce-scattered (the transpose of the gather), not summed whole.
+    fsdp = sharding.axis_size(mesh, sharding.FSDP)
+    split = fsdp > 1 and w_gate.shape[1] % fsdp == 0
+    along_d = sharding.FSDP if split else None
 
     def local(x, router, bias, w_gate, w_up, w_down):  # x [N_l, D], w_* [E_l, ...]
+        if split:
+            w_gate, w_up = (jax.lax.all_gather(w, sharding.FSDP, axis=1, tiled=True) for w in (w_gate, w_up))
+            w_down = jax.lax.all_gather(w_down, sharding.FSDP, axis=2, tiled=True)  # [E_l, F, D]
         weights, experts, counts = _route_local(config, x, router, bias, wide)
         n, k = experts.shape
         if shards == 1:  # data parallel: every expert is here, nothing moves
@@ -314,9 +393,10 @@ def _expert_parallel(config: MoEConfig, mesh: Mesh, tokens, router, bias, w_gate
         dropped = jnp.sum(where[:, 1] == capacity)
         return y, jax.lax.psum(counts, axes), jax.lax.psum(dropped, axes)
 
-    kernel = PartitionSpec(sharding.EXPERT, None, None)
+    up = PartitionSpec(sharding.EXPERT, along_d, None)  # [E, D, F]
+    down = PartitionSpec(sharding.EXPERT, None, along_d)  # [E, F, D]
     return jax.shard_map(local, mesh=mesh,
-                         in_specs=(PartitionSpec(axes, None), PartitionSpec(), PartitionSpec(), kernel, kernel, kernel),
+                         in_specs=(PartitionSpec(axes, None), PartitionSpec(), PartitionSpec(), up, up, down),
                          out_specs=(PartitionSpec(axes, None), PartitionSpec(), PartitionSpec()))(
         tokens, router, bias, w_gate, w_up, w_down)
 

@@ -22,7 +22,9 @@ replicas of the per-slice mesh over the data-center network).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
 
 import flax.linen as nn
@@ -106,17 +108,32 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
 
     One slice: `mesh_utils.create_device_mesh`, which orders devices by their physical
     links where it knows the topology. Several (`dcn_data > 1`): the hybrid mesh, each
-    slice (or, without slices, each process) one replica along `data`.
+    granule one replica along `data`: a slice where the devices name several slices
+    (multi-slice TPU), else a process (GPU hosts and CPU processes, whose devices name
+    slice 0 or none). The devices of one process and one slice (a dry run's simulated
+    devices) are laid out as the hybrid mesh would order them: each replica is a block
+    of consecutive devices.
+
+    Raises:
+      ValueError: the mesh does not fit the device count, or `dcn_data` is not the
+        number of slices (or processes) the devices span (one line).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = config.shape(len(devices))
     shape = tuple(sizes[a] for a in AXES)
-    if config.dcn_data > 1:
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    processes = {getattr(d, "process_index", 0) for d in devices}
+    if config.dcn_data > 1 and (len(slices) > 1 or len(processes) > 1):
+        by_slice = len(slices) > 1 and None not in slices
+        granules = len(slices) if by_slice else len(processes)
+        if granules != config.dcn_data:
+            raise ValueError(f"mesh.dcn_data = {config.dcn_data}, but the devices span {granules} "
+                             f"{'slices' if by_slice else 'processes'}; set it to {granules} (or 1)")
         ici = (sizes[DATA] // config.dcn_data, sizes[FSDP], sizes[EXPERT])
-        grid = mesh_utils.create_hybrid_device_mesh(
-            ici, (config.dcn_data, 1, 1), devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (config.dcn_data, 1, 1), devices,
+                                                    process_is_granule=not by_slice)
     elif devices[0].platform == "cpu":
-        grid = np.array(devices).reshape(shape)
+        grid = np.array(devices).reshape(shape)  # replicas (dcn_data) are consecutive blocks
     else:
         grid = mesh_utils.create_device_mesh(shape, devices)
     # Auto axes: GSPMD propagates shardings through the model from those we place.
@@ -218,6 +235,21 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in BATCH_AXES if a in mesh.shape)
 
 
+def constrain_batch(x, mesh: Mesh | None):
+    """`x` [B, ...] constrained to be split by its first axis over the batch axes
+    (activations inside a jitted step; no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(batch_axes(mesh))))
+
+
+def constrain_replicated(x, mesh: Mesh | None):
+    """`x` constrained to be whole on every device (a weight gathered for use)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches are split along their first axis over every device (`data x fsdp x expert`)."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
@@ -228,3 +260,39 @@ def global_batch(mesh: Mesh, local_batch: dict) -> dict:
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         local_batch)
+
+
+class Prefetch:
+    """Batches of a data iterator placed on the mesh `size` steps ahead.
+
+    `next()` hands out global batches (`global_batch`) whose host-to-device transfers
+    were started while earlier steps ran; JAX copies asynchronously, so the next batch
+    is on its devices by the time the step that needs it starts. `get_state()` is the
+    data iterator's state after the batches handed out, not after those prefetched:
+    a checkpoint saves it (Grain's checkpoint handler takes any object with
+    `get_state() -> bytes`), so a resumed run sees exactly the batches it would have.
+
+    Args:
+      iterator: a Grain `DatasetIterator` of this process's batches (already restored).
+      mesh: the mesh the batches are split over.
+      size: batches kept in flight.
+    """
+
+    def __init__(self, iterator, mesh: Mesh, size: int = 2):
+        if size < 1:
+            raise ValueError(f"prefetch size must be >= 1, got {size}")
+        self.iterator, self.mesh, self.size = iterator, mesh, size
+        self.queue: collections.deque = collections.deque()  # (iterator state before, batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self.queue) < self.size:
+            state = self.iterator.get_state()
+            self.queue.append((state, global_batch(self.mesh, next(self.iterator))))
+        return self.queue.popleft()[1]
+
+    def get_state(self) -> bytes:
+        state = self.queue[0][0] if self.queue else self.iterator.get_state()
+        return json.dumps(state, indent=1).encode()

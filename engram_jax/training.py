@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
@@ -83,19 +84,61 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """`cross_entropy` of the logits hidden @ kernel, computed `chunk` time steps at a time.
+
+    A scan over time chunks whose body is rematerialised: the float32 logits of one
+    chunk, [B, chunk, V], are all that exists at a time, forward and backward (each
+    chunk's are computed twice: one more LM-head matmul). Time, not batch, is chunked
+    so that the batch keeps its sharding. A last partial chunk is padded and masked.
+
+    Args:
+      hidden: [B, T, D] final hidden states; kernel: [D, V] the LM head (both in the
+        dtype the head computes in: `Model(..., return_hidden=True)`).
+      targets: [B, T] integer next tokens.
+      chunk: time steps per chunk; 0 (or >= T) computes all logits at once.
+
+    Returns:
+      The mean loss over the B x T tokens, a float32 scalar.
+    """
+    b, t, d = hidden.shape
+    chex.assert_shape(targets, (b, t))
+    chex.assert_shape(kernel, (d, None))
+    if not chunk or chunk >= t:
+        return cross_entropy(model_lib.logits_of(hidden, kernel), targets)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, C, D]
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
+    valid = (jnp.arange(n * chunk) < t).reshape(n, 1, chunk)  # [n, 1, C]
+
+    @jax.checkpoint  # inside a scan: no CSE can undo it, so no barrier is needed
+    def body(total, xs):
+        h, y, keep = xs  # [B, C, D], [B, C], [1, C]
+        losses = optax.softmax_cross_entropy_with_integer_labels(model_lib.logits_of(h, kernel), y)  # [B, C]
+        return total + jnp.sum(jnp.where(keep, losses, 0.0)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, valid))
+    return total / (b * t)
+
+
 def forward(config: ModelConfig, params, moe_bias, batch, memory, mesh: Mesh | None = None
             ) -> tuple[jax.Array, dict]:
     """Loss and the sown intermediates (gates, expert loads) of one batch.
+
+    The loss never holds all [B, T, V] logits: `chunked_cross_entropy`, chunks of
+    `config.loss_chunk` time steps.
 
     Args:
       batch: "inputs", "targets" and, for packed documents, "segment_ids" and "positions".
       memory: `{layer: [B, T, d_mem]}` the looked-up memory vectors (`Tables.lookup`).
       mesh: the step's mesh, for expert parallelism (None: one program, GSPMD).
     """
-    logits, state = Model(config, mesh).apply({"params": params, "moe_bias": moe_bias}, batch["inputs"], memory,
-                                        batch.get("segment_ids"), batch.get("positions"),
-                                        mutable=["intermediates"])
-    return cross_entropy(logits, batch["targets"]), state.get("intermediates", {})
+    (hidden, kernel), state = Model(config, mesh).apply(
+        {"params": params, "moe_bias": moe_bias}, batch["inputs"], memory, batch.get("segment_ids"),
+        batch.get("positions"), return_hidden=True, mutable=["intermediates"])
+    loss = chunked_cross_entropy(hidden, kernel, batch["targets"], config.loss_chunk)
+    return loss, state.get("intermediates", {})
 
 
 def hash_ids_of(batch: dict, hasher: DeviceHasher | None) -> dict:
@@ -113,17 +156,31 @@ def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32, hasher: Device
     return tables.lookup(rows, hash_ids_of(batch, hasher), dtype)
 
 
+def _per_layer(intermediates: dict, name: str) -> dict[int, jax.Array]:
+    """{layer: value} of a sown intermediate, the values of nn.scan's stacked blocks
+    (a leading axis of layers) unstacked."""
+    out = {}
+    for path, value in _module_values(intermediates, name).items():
+        layers = model_lib.layers_of(path[0])
+        if path[0].startswith("blocks_"):  # stacked: [L, ...]
+            out.update({layer: value[i] for i, layer in enumerate(layers)})
+        else:
+            out[layers[0]] = value
+    return out
+
+
 def _summaries(intermediates: dict) -> dict[str, jax.Array]:
     """Per MoE layer the experts' shares of the routed slots and the largest share x E
-    (1 is balanced); per Engram layer the mean gate."""
+    (1 is balanced); per Engram layer the mean gate. Named by layer (`block_5`),
+    whether or not the block was stacked by nn.scan."""
     out = {}
-    for path, load in _module_values(intermediates, "expert_load").items():
-        out[f"moe_load/{path[0]}"] = load
-        out[f"moe_load_max/{path[0]}"] = load.max() * load.shape[0]
-    for path, dropped in _module_values(intermediates, "moe_dropped").items():
-        out[f"moe_dropped/{path[0]}"] = dropped
-    for path, gate in _module_values(intermediates, "gate").items():
-        out[f"engram_gate/{path[0]}"] = gate.mean()
+    for layer, load in _per_layer(intermediates, "expert_load").items():
+        out[f"moe_load/block_{layer}"] = load
+        out[f"moe_load_max/block_{layer}"] = load.max() * load.shape[0]
+    for layer, dropped in _per_layer(intermediates, "moe_dropped").items():
+        out[f"moe_dropped/block_{layer}"] = dropped
+    for layer, gate in _per_layer(intermediates, "gate").items():
+        out[f"engram_gate/block_{layer}"] = gate.mean()
     return out
 
 
@@ -158,9 +215,12 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax
     params = optax.apply_updates(state.params, updates)
     loads = _module_values(inter, "expert_load")
 
-    def nudge(path, bias):
+    def nudge(path, bias):  # bias and load [E], or [L, E] for blocks stacked by nn.scan
         keys = tuple(getattr(k, "key", None) for k in path)
-        return update_bias(bias, loads[keys[:-1]], bias_rate)
+        update = functools.partial(update_bias, rate=bias_rate)
+        for _ in range(bias.ndim - 1):  # each layer balances its own experts
+            update = jax.vmap(update)
+        return update(bias, loads[keys[:-1]])
 
     moe_bias = jax.tree_util.tree_map_with_path(nudge, state.moe_bias)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),

@@ -165,7 +165,10 @@ def test_process_sharding_splits_each_global_batch(make_config, tok, hasher):
         for p in range(2):
             part = halves[p][k]
             assert part["inputs"].shape == (4, 16) and part["hash_ids"][0].shape[0] == 4
-            np.testing.assert_array_equal(part["inputs"], batch["inputs"][p::2])
+            # Process p's rows are the p-th half of the single-process batch, in order, so
+            # the global batch (process 0's devices first) is the single-process batch.
+            np.testing.assert_array_equal(part["inputs"], batch["inputs"][4 * p: 4 * (p + 1)])
+            np.testing.assert_array_equal(part["hash_ids"][0], hasher(batch["inputs"])[0][4 * p: 4 * (p + 1)])
             seen[p].update(row.tobytes() for row in part["inputs"])
     assert not seen[0] & seen[1]
 
@@ -177,7 +180,7 @@ def test_validation_sharding_gives_every_process_the_same_batches(make_config, t
     assert len(halves[0]) == len(halves[1]) == len(full)  # no process waits on another
     for p in range(2):
         for part, batch in zip(halves[p], full):
-            np.testing.assert_array_equal(part["inputs"], batch["inputs"][p::2])
+            np.testing.assert_array_equal(part["inputs"], batch["inputs"][2 * p: 2 * (p + 1)])
 
 
 def test_batch_size_must_divide_by_process_count(make_config, tok):

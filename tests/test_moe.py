@@ -15,6 +15,7 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
+from engram_jax import hlo, sharding
 from engram_jax.config_base import ConfigError
 from engram_jax.mlp import MLP
 from engram_jax.moe import MoE, MoEConfig, route, update_bias
@@ -242,7 +243,7 @@ def test_bfloat16_runs_and_tracks_float32():
 
 @pytest.mark.parametrize("field,value", [
     ("top_k", 7), ("top_k", 0), ("num_experts", 0), ("num_shared", -1), ("expert_dim", 0),
-    ("route_scale", 0.0), ("bias_update_rate", -1e-3), ("implementation", "sparse"),
+    ("route_scale", 0.0), ("bias_update_rate", -1e-3), ("implementation", "sparse"), ("capacity_factor", -1.0),
 ])
 def test_bad_config_names_field(field, value):
     with pytest.raises(ConfigError, match=rf"MoEConfig\.{field}"):
@@ -269,3 +270,123 @@ def test_blocked_experts_do_not_run_every_expert_on_every_token():
     dense = compiled_flops("dense", num_experts=32, top_k=2)
     assert blocked < 2.5 * needed  # padding costs at most one block per expert
     assert dense > 10 * needed  # the reference runs all 32 experts
+
+
+# ---------------------------------------------------------------- expert parallelism (8 CPU devices)
+
+
+def ep_mesh(data, fsdp, expert):
+    return sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, expert=expert),
+                              jax.devices()[: data * fsdp * expert])
+
+
+def with_mesh(layer, variables, mesh):
+    """The layer on `mesh`, and its variables with expert kernels padded as it stores them
+    (padding experts drawn at random: they must never be used)."""
+    parallel = MoE(layer.config, mesh=mesh)
+    stored = layer.config.padded_experts(sharding.axis_size(mesh, sharding.EXPERT))
+    rng = np.random.default_rng(7)
+
+    def pad(name, w):
+        if name not in ("w_gate", "w_up", "w_down") or stored == w.shape[0]:
+            return w
+        extra = rng.normal(size=(stored - w.shape[0], *w.shape[1:])) * 1e3
+        return jnp.concatenate([w, jnp.asarray(extra, w.dtype)])
+
+    params = {k: pad(k, v) for k, v in variables["params"].items()}
+    return parallel, {**variables, "params": params}
+
+
+def apply_with_drops(layer, variables, x):
+    out, state = layer.apply(variables, x, mutable=["intermediates"])
+    inter = state["intermediates"]
+    return out, inter["expert_load"][0], inter["moe_dropped"][0]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)])
+def test_expert_parallel_equals_one_device_when_nothing_is_dropped(mesh_shape):
+    layer, variables, x = make(batch=16, num_experts=7, capacity_factor=0.0)  # 7 experts: padded on 2, 4, 8
+    parallel, padded = with_mesh(layer, variables, ep_mesh(*mesh_shape))
+    ref, ref_load = forward(layer, variables, x)
+    out, load, dropped = jax.jit(apply_with_drops, static_argnums=0)(parallel, padded, x)
+    assert int(dropped) == 0
+    chex.assert_trees_all_close(out, ref, rtol=0, atol=1e-5)
+    chex.assert_trees_all_close(load, ref_load, rtol=0, atol=0)  # global counts, not one device's
+
+    def loss(layer, v):
+        return jnp.sum(layer.apply(v, x, mutable=["intermediates"])[0] ** 2)
+
+    g_ref = jax.grad(partial(loss, layer))(variables)["params"]
+    g = jax.grad(partial(loss, parallel))(padded)["params"]
+    for name in ("w_gate", "w_up", "w_down"):
+        assert not np.any(np.asarray(g[name][7:]))  # padding experts receive nothing
+        g[name] = g[name][:7]
+    chex.assert_trees_all_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_are_stored_padded_to_the_expert_axis():
+    layer = MoE(MoEConfig(num_experts=55, expert_dim=8), mesh=ep_mesh(1, 1, 8))
+    shapes = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((1, 2, DIM)))
+    assert nn.unbox(shapes)["params"]["w_gate"].shape == (56, DIM, 8)
+    assert nn.unbox(shapes)["params"]["router"].shape == (DIM, 55)  # no column: never routed to
+    assert MoEConfig(num_experts=55).padded_experts(4) == 56 and MoEConfig(num_experts=55).padded_experts(1) == 55
+
+
+def expected_with_drops(layer, variables, x, devices, expert_axis, capacity):
+    """NumPy: each device's copies beyond `capacity` per destination dropped."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    xs = np.asarray(x, np.float64).reshape(-1, DIM)
+    scores = hand_scores(variables, x)
+    cfg = layer.config
+    local = cfg.padded_experts(expert_axis) // expert_axis
+    out = np_swiglu(xs, p["shared"]["w_gate"], p["shared"]["w_up"], p["shared"]["w_down"])
+    dropped = 0
+    for shard in np.split(np.arange(len(xs)), devices):
+        filled = np.zeros(expert_axis, int)
+        for n in shard:
+            chosen = np.argsort(-scores[n])[: cfg.top_k]
+            for e in chosen:  # in slot order, as the layer fills buckets
+                if filled[e // local] == capacity:
+                    dropped += 1
+                    continue
+                filled[e // local] += 1
+                w = scores[n, e] / scores[n, chosen].sum()
+                out[n] += w * np_swiglu(xs[n], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+    return out, dropped
+
+
+def test_full_buckets_drop_copies_and_count_them():
+    layer, variables, x = make(batch=16, num_experts=8, capacity_factor=0.5)
+    parallel, padded = with_mesh(layer, variables, ep_mesh(2, 1, 4))
+    out, _, dropped = jax.jit(apply_with_drops, static_argnums=0)(parallel, padded, x)
+    capacity = layer.config.capacity(16 * 6 // 8 * 2, 4)  # N_l K copies per device, 4 destinations
+    assert capacity == 3
+    expected, expected_dropped = expected_with_drops(layer, variables, x, 8, 4, capacity)
+    assert int(dropped) == expected_dropped > 0
+    chex.assert_trees_all_close(out.reshape(-1, DIM), expected, rtol=0, atol=1e-5)
+
+
+def compiled_moe_hlo(mesh, batch, expert_parallel=True, seq=8):
+    """The HLO of one MoE layer's forward and backward, batch split over every device."""
+    layer = MoE(MoEConfig(num_experts=7, num_shared=0, top_k=2, expert_dim=8), mesh=mesh if expert_parallel else None)
+    boxed = jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((1, seq, DIM)))
+    shardings = sharding.tree_shardings(mesh, sharding.logical_axes(boxed), nn.unbox(boxed))
+    variables = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), nn.unbox(boxed),
+                             shardings)
+    x = jax.ShapeDtypeStruct((batch, seq, DIM), jnp.float32, sharding=sharding.batch_sharding(mesh))
+    grad = jax.grad(lambda v, x: jnp.sum(layer.apply(v, x, mutable=["intermediates"])[0] ** 2))
+    return jax.jit(grad).lower(variables, x).compile().as_text()
+
+
+def test_compiled_expert_parallel_layer_exchanges_local_tokens_all_to_all():
+    text = compiled_moe_hlo(ep_mesh(2, 1, 4), batch=32)
+    moved = hlo.collective_bytes(text)
+    assert moved["all-to-all"] > 0
+    assert "all-gather" not in moved  # no token copies or expert kernels gathered
+    # What the all-to-alls move depends on the tokens per device: 32 over 8 devices
+    # moves as much as 16 over 4, and twice as much as 16 over 8.
+    same_local = hlo.collective_bytes(compiled_moe_hlo(ep_mesh(1, 1, 4), batch=16))
+    half_local = hlo.collective_bytes(compiled_moe_hlo(ep_mesh(2, 1, 4), batch=16))
+    assert same_local["all-to-all"] == moved["all-to-all"] == 2 * half_local["all-to-all"]
+    # GSPMD's MoE, for contrast, gathers over the global batch.
+    assert "all-gather" in hlo.collective_bytes(compiled_moe_hlo(ep_mesh(2, 1, 4), 32, expert_parallel=False))

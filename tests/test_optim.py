@@ -1,5 +1,6 @@
 """Optimizers: the backbone's from logical axes, Muon's RMS, the tables' row optimizer, clipping."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 
 from engram_jax import configs, model, sharding
 from engram_jax.config_base import ConfigError
-from engram_jax.optim import OptimConfig, build_optimizer, clip_scale, muon_dimensions, schedule, table_optimizer
+from engram_jax.optim import (OptimConfig, build_optimizer, clip_scale, is_matrix, muon_dimensions, schedule,
+                               table_optimizer)
 
 AXES = {"kernel": ("embed", "mlp"), "scale": ("embed",)}
 
@@ -78,6 +80,48 @@ def test_muon_sees_kernels_as_input_by_output_matrices(names, reduction, output)
     as_tuple = lambda x: tuple(np.atleast_1d(x))  # noqa: E731
     assert as_tuple(dims.reduction_axis) == as_tuple(reduction)
     assert as_tuple(dims.output_axis) == as_tuple(output)
+
+
+@pytest.mark.parametrize("names, reduction, output", [
+    (("layers", "embed", "heads", "head_dim"), (1,), (2, 3)),
+    (("layers", "experts", "embed", "expert_mlp"), 2, (3,)),
+    (("layers", "experts", "expert_mlp", "embed"), (2,), 3),
+])
+def test_muon_sees_stacked_layers_and_experts_as_batches_of_matrices(names, reduction, output):
+    dims = muon_dimensions(names)
+    as_tuple = lambda x: tuple(np.atleast_1d(x))  # noqa: E731
+    assert as_tuple(dims.reduction_axis) == as_tuple(reduction)
+    assert as_tuple(dims.output_axis) == as_tuple(output)
+
+
+def test_stacked_vectors_are_neither_muon_matrices_nor_decayed():
+    assert muon_dimensions(("layers", "embed")) is None
+    assert not is_matrix(("layers", "embed")) and not is_matrix(("layers", "experts", "embed"))
+    assert is_matrix(("layers", "embed", "mlp")) and is_matrix(("embed", "mlp"))
+
+
+def test_muon_updates_stacked_layers_as_each_layer_alone():
+    """Stacked [L, E, D, F] kernels get, layer by layer, the update Muon gives one [E, D, F]
+    kernel (and a plain matrix beside them is unaffected by the stacking)."""
+    config = OptimConfig(algorithm="muon", learning_rate=1e-2, warmup_steps=0, schedule="constant")
+    rng = np.random.default_rng(0)
+    draw = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    params = {"w": draw(3, 4, 16, 8), "norm": draw(3, 16), "v": draw(16, 8)}
+    grads = jax.tree.map(lambda p: draw(*p.shape), params)
+    stacked_axes = {"w": ("layers", "experts", "embed", "expert_mlp"), "norm": ("layers", "embed"),
+                    "v": ("embed", "mlp")}
+    tx = build_optimizer(config, stacked_axes, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes(updates, params)
+    one_axes = {"w": ("experts", "embed", "expert_mlp"), "norm": ("embed",), "v": ("embed", "mlp")}
+    one = build_optimizer(config, one_axes, 10)
+    for layer in range(3):
+        p = {"w": params["w"][layer], "norm": params["norm"][layer], "v": params["v"]}
+        g = {"w": grads["w"][layer], "norm": grads["norm"][layer], "v": grads["v"]}
+        expected, _ = one.update(g, one.init(p), p)
+        chex.assert_trees_all_close(updates["w"][layer], expected["w"], rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(updates["norm"][layer], expected["norm"], rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(updates["v"], expected["v"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("names", [("embed",), ("vocab", "embed"), ("embed", "vocab")])

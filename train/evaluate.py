@@ -163,8 +163,8 @@ class Trained:
         tokens = np.asarray([self.encode(prompt)], np.int32)
         hash_ids = self.hasher(tokens)
         _, state = self.apply(tokens, hash_ids, mutable=["intermediates"])
-        gates = {int(path[0].split("_")[1]): np.asarray(gate[0])
-                 for path, gate in training._module_values(state["intermediates"], "gate").items()}
+        gates = {layer: np.asarray(gate[0])  # the one prompt: [T, G]
+                 for layer, gate in training._per_layer(state["intermediates"], "gate").items()}
         pieces = [self.tokenizer.decode([t]) for t in tokens[0]]
         return pieces, gates
 

@@ -21,6 +21,22 @@ def _fail(program: str, err: BaseException) -> int:
     return 2
 
 
+_OOM_ADVICE = ("out of memory ({detail}); check what fits with --dry-run, or use less memory: a smaller "
+               "--set data.batch_size=N, or recompute activations with --set model.remat=full (or save_dots)")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is XLA running out of device memory (its RESOURCE_EXHAUSTED status)."""
+    import jax
+
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _setup_logging() -> None:
     """Our INFO lines on stderr from process 0; libraries' chatter at WARNING."""
     import jax
@@ -36,6 +52,19 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _initialize_distributed(**cluster) -> None:
+    """`jax.distributed.initialize` with the given settings (None: JAX detects or reads them).
+
+    CPU processes exchange collectives through gloo: JAX's default here (0.10), set
+    for versions whose default is none; it must be chosen before the backend starts.
+    """
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**cluster)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engram-train", description="Train an Engram language model.")
     parser.add_argument("--config", default="tiny", help=f"a preset: {', '.join(configs.names())}")
@@ -44,28 +73,63 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="run folder (default runs/<config>); an existing run resumes")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the train step for the mesh on simulated CPU devices, allocating nothing and "
+                             "reading no data; print per-device memory (state, temporaries, largest buffers), "
+                             "collectives and compile time; exit 0 if it fits --set mesh.device_memory_gb=GiB (or "
+                             "none is set), 3 if it does not (train/dry_run.py)")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="with --dry-run: simulate N devices, the mesh axis at -1 inferred (default: the "
+                             "product of the mesh axes, -1 counting 1)")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host, e.g. a Cloud TPU pod)")
+                        help="call jax.distributed.initialize() first, on every process of a multi-process run. "
+                             "On a managed cluster (Cloud TPU pod, SLURM, Open MPI, ...) JAX finds the coordinator "
+                             "and the process ids itself; elsewhere give them with --coordinator (or "
+                             "$JAX_COORDINATOR_ADDRESS), --num-processes and --process-id, e.g. two processes "
+                             "on one machine: XLA_FLAGS=--xla_force_host_platform_device_count=4 engram-train "
+                             "--distributed --coordinator 127.0.0.1:12345 --num-processes 2 --process-id {0,1} "
+                             "--workdir runs/x (CPU processes talk through gloo)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="with --distributed: process 0's address, the same on every process")
+    parser.add_argument("--num-processes", type=int, metavar="N", help="with --distributed: how many processes")
+    parser.add_argument("--process-id", type=int, metavar="I", help="with --distributed: this process, 0..N-1")
     args = parser.parse_args(argv)
+    if args.devices is not None and not args.dry_run:
+        parser.error("--devices needs --dry-run")
+    cluster = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+               "process_id": args.process_id}
+    if not args.distributed and any(v is not None for v in cluster.values()):
+        parser.error("--coordinator, --num-processes and --process-id need --distributed")
     try:
         if args.distributed:
-            import jax
-
-            jax.distributed.initialize()
+            _initialize_distributed(**cluster)
         from train.run import run_preset, train
 
         config = run_preset(args.config).override(args.set)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=1))
             return 0
+        if args.dry_run:
+            from train.dry_run import dry_run_main, reserve_devices
+
+            reserve_devices(config, args.devices)  # before JAX starts (logging's set-up starts it)
+            _setup_logging()
+            return dry_run_main(config, args.devices)
         _setup_logging()
         result = train(config, args.workdir, stop_after=args.stop_after)
     except USER_ERRORS as err:
         return _fail("engram-train", err)
-    if "val_loss" in result:
-        print(f"validation loss {result['val_loss']:.4f} nats/token "
-              f"({result['val_bits_per_byte']:.4f} bits/byte) at step {result['step']}")
-    print(f"checkpoint: {result['checkpoint']}")
+    except Exception as err:
+        if not _out_of_memory(err):
+            raise
+        return _fail("engram-train", RuntimeError(_OOM_ADVICE.format(detail=_first_line(err))))
+    import jax
+
+    if jax.process_index() == 0:  # one summary per run, not one per process
+        if "val_loss" in result:
+            print(f"validation loss {result['val_loss']:.4f} nats/token "
+                  f"({result['val_bits_per_byte']:.4f} bits/byte) at step {result['step']}")
+        print(f"checkpoint: {result['checkpoint']}")
     return 0
 
 

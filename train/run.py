@@ -20,17 +20,19 @@ import logging
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from engram_jax import configs, data, model, optim, sharding, training
 from engram_jax.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint, config_differences
-from engram_jax.compression import compress_tokenizer
 from engram_jax.config_base import Config
 from engram_jax.data import DataConfig
+from engram_jax.hashing_device import DeviceHasher
 from engram_jax.model import ModelConfig
 from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
@@ -228,53 +230,114 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The model side of a run, built from its config alone (no tokenizer, no data).
+
+    Attributes:
+      mesh: the device mesh.
+      tables: the Engram table engine (None without Engram).
+      shapes: the boxed variable shapes (`model.variable_shapes`), logical axes included.
+      schedule: the learning-rate schedule.
+      tx: the backbone optimizer.
+      init: () -> a fresh `TrainState` (jit it with `out_shardings=state_sharding`).
+      abstract_state: the state's shapes and dtypes (`jax.eval_shape(init)`).
+      state_sharding: the state's NamedShardings (memory kinds included).
+      train_step: jitted `(state, batch) -> (state, metrics)`, the state donated.
+      eval_step: jitted `(state, batch) -> metrics`.
+    """
+
+    mesh: jax.sharding.Mesh
+    tables: Tables | None
+    shapes: dict
+    schedule: Callable
+    tx: optax.GradientTransformation
+    init: Callable[[], training.TrainState]
+    abstract_state: training.TrainState
+    state_sharding: training.TrainState
+    train_step: Callable
+    eval_step: Callable
+
+    def abstract_with_sharding(self) -> training.TrainState:
+        """The state as ShapeDtypeStructs carrying their shardings: nothing allocated."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.abstract_state, self.state_sharding)
+
+
+def build_steps(config: RunConfig, hasher: DeviceHasher | None = None, devices=None) -> Steps:
+    """Mesh, tables, optimizer, abstract state, shardings and the jitted steps of `config`.
+
+    Nothing is allocated: shapes come from `jax.eval_shape`, and the steps are jitted
+    but neither traced nor compiled until first called (or lowered).
+
+    Args:
+      config: the run.
+      hasher: hashes tokens inside the step (`EngramConfig.hash_on_device`); None when
+        the batches carry hash ids.
+      devices: the mesh's devices (default: all of them).
+    """
+    mesh = sharding.make_mesh(config.mesh, devices)
+    tables = make_tables(config, mesh)
+    shapes = model.variable_shapes(config.model, mesh)
+    axes = sharding.logical_axes(shapes)
+    schedule = optim.schedule(config.optim, config.steps)
+    tx = optim.build_optimizer(config.optim, axes["params"], config.steps)
+
+    def init() -> training.TrainState:
+        return training.init_state(config.model, tx, tables, jax.random.key(config.seed), mesh)
+
+    abstract_state = jax.eval_shape(init)
+    state_sharding = _state_sharding(mesh, shapes, axes, abstract_state, tables)
+    bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
+    train_step, eval_step = training.jit_steps(
+        config.model, tx, tables, schedule, bias_rate,
+        table_lr_multiplier=config.optim.table_lr_multiplier, clip_norm=config.optim.clip_norm,
+        state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh), hasher=hasher, mesh=mesh)
+    return Steps(mesh=mesh, tables=tables, shapes=shapes, schedule=schedule, tx=tx, init=init,
+                 abstract_state=abstract_state, state_sharding=state_sharding, train_step=train_step,
+                 eval_step=eval_step)
+
+
+def _state_sharding(mesh, shapes: dict, axes: dict, abstract_state: training.TrainState,
+                    tables: Tables | None) -> training.TrainState:
+    """Params and optimizer moments follow the params' logical axes; tables their
+    placement; scalars replicate."""
+    params = sharding.tree_shardings(mesh, axes["params"], nn.unbox(shapes)["params"])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt = sharding.like_params(abstract_state.opt_state, params, replicated)  # moments follow params
+    bias = jax.tree.map(lambda _: replicated, abstract_state.moe_bias)
+    table_shardings = tables.shardings() if tables else abstract_state.tables
+    return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt,
+                               tables=table_shardings)
+
+
 class Run:
     """What a run needs besides the state: tokenizer, hasher, mesh, optimizer, data."""
 
     def __init__(self, config: RunConfig, workdir: pathlib.Path):
         self.config, self.workdir = config, workdir
-        self.tokenizer = data.load_tokenizer(config.data)
+        # Built on process 0 and sent to the others; then every process's data is checked alike.
+        self.tokenizer = data.shared_tokenizer(config.data)
         vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab > config.model.vocab_size:
             raise ValueError(f"the tokenizer has {vocab} ids but model.vocab_size is {config.model.vocab_size}; "
                              f"set --set model.vocab_size={vocab}")
-        self.hasher = None
+        self.hasher = compression = None
         if config.model.engram is not None:
-            compression = compress_tokenizer(self.tokenizer, config.data.cache_root)
+            compression = data.shared_compression(self.tokenizer, config.data.cache_root)
             log.info("tokenizer compression: %d -> %d ids (%.1f%% fewer)", compression.vocab_size,
                      compression.num_compressed, 100 * compression.ratio)
             self.hasher = config.model.engram.make_hasher(compression.lookup)
+        data.check_same_data(config.data, self.tokenizer, compression)
         # With hash_on_device the pipeline carries tokens only and the step hashes them.
         on_device = config.model.engram is not None and config.model.engram.hash_on_device
         self.device_hasher = self.hasher.on_device() if on_device else None
         self.pipeline_hasher = None if on_device else self.hasher
         self.validation = Validation(config, self.tokenizer, self.pipeline_hasher)
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.tables = make_tables(config, self.mesh)
-        self.shapes = model.variable_shapes(config.model, self.mesh)
-        self.axes = sharding.logical_axes(self.shapes)
-        self.schedule = optim.schedule(config.optim, config.steps)
-        self.tx = optim.build_optimizer(config.optim, self.axes["params"], config.steps)
-        self._init = lambda: training.init_state(config.model, self.tx, self.tables, jax.random.key(config.seed),
-                                                 self.mesh)
-        self.abstract_state = jax.eval_shape(self._init)
-        self.state_sharding = self._state_sharding()
-        bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
-        self.train_step, self.eval_step = training.jit_steps(
-            config.model, self.tx, self.tables, self.schedule, bias_rate,
-            table_lr_multiplier=config.optim.table_lr_multiplier, clip_norm=config.optim.clip_norm,
-            state_sharding=self.state_sharding, batch_sharding=sharding.batch_sharding(self.mesh),
-            hasher=self.device_hasher, mesh=self.mesh)
-
-    def _state_sharding(self):
-        """Params and optimizer moments follow the params' logical axes; tables their
-        placement; scalars replicate."""
-        params = sharding.tree_shardings(self.mesh, self.axes["params"], nn.unbox(self.shapes)["params"])
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        opt = sharding.like_params(self.abstract_state.opt_state, params, replicated)  # moments follow params
-        bias = jax.tree.map(lambda _: replicated, self.abstract_state.moe_bias)
-        tables = self.tables.shardings() if self.tables else self.abstract_state.tables
-        return training.TrainState(step=replicated, params=params, moe_bias=bias, opt_state=opt, tables=tables)
+        steps = build_steps(config, self.device_hasher)
+        self.mesh, self.tables, self.tx, self.schedule = steps.mesh, steps.tables, steps.tx, steps.schedule
+        self._init, self.abstract_state, self.state_sharding = steps.init, steps.abstract_state, steps.state_sharding
+        self.train_step, self.eval_step = steps.train_step, steps.eval_step
 
     def init_state(self) -> training.TrainState:
         return jax.jit(self._init, out_shardings=self.state_sharding)()
@@ -335,10 +398,11 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
     bar = tqdm(total=config.steps, initial=start, disable=not (lead and interactive), desc=config.name,
                dynamic_ncols=True, mininterval=2.0)
     final: dict = {}
+    batches = sharding.Prefetch(iterator, run.mesh)  # the next batches copy while a step runs
     clock = None  # (time, step) once the first step, which includes compilation, is done
     try:
         for step in range(start, end):
-            batch = sharding.global_batch(run.mesh, next(iterator))
+            batch = next(batches)
             state, metrics = run.train_step(state, batch)
             done = step + 1
             if done % config.log_every == 0 or done == end:
@@ -363,7 +427,7 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
                 writer.write(done, final)
                 if lead:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-            checkpoints.save(done, state, config.to_dict(), iterator, force=done == end)
+            checkpoints.save(done, state, config.to_dict(), batches, force=done == end)
             if done % config.eval_every == 0:  # tokens/s counts training steps only
                 clock = (time.perf_counter(), done)
     finally:
