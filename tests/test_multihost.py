@@ -35,7 +35,7 @@ def _gloo_available() -> bool:
     return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.multihost,
               pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no gloo CPU collectives")]
 
 STEPS, STOP = 20, 10

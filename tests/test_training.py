@@ -194,8 +194,7 @@ def test_sparse_sgd_equals_dense_sgd_exactly_over_ten_steps_of_tiny():
 # ---------------------------------------------------------------- meshes and placements
 
 
-@pytest.mark.parametrize("mesh_shape, shard_axes", [((8, 1, 1), ()), ((2, 2, 2), ()), ((1, 2, 4), ()),
-                                                     ((2, 2, 2), ("expert",))])
+@pytest.mark.parametrize("mesh_shape, shard_axes", [((8, 1, 1), ()), ((2, 2, 2), ("expert",)), ((1, 2, 4), ())])
 def test_one_device_and_eight_give_the_same_losses_for_twenty_steps(mesh_shape, shard_axes):
     # Devices add sums in other orders, so the runs differ in their last bits; at a
     # large learning rate Adam's first step moves a row by +-lr whatever the size of its

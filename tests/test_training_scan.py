@@ -3,6 +3,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from engram_jax.attention import AttentionConfig
 from engram_jax.mhc import MHCConfig
 from engram_jax.model import ModelConfig
 from engram_jax.moe import MoEConfig
+from engram_jax.table import TableState
 
 
 def head(seed=0, batch=3, seq=10, dim=8, vocab=50):
@@ -67,9 +69,16 @@ CONFIG = ModelConfig(  # blocks 1..3 are identical MoE blocks: one scanned modul
 @functools.lru_cache(maxsize=None)
 def one_step():
     """(state before, state after, metrics) of one train step of CONFIG, bias rate 0.01."""
-    axes = sharding.logical_axes(model.variable_shapes(CONFIG))["params"]
-    tx = optim.build_optimizer(optim.OptimConfig(warmup_steps=0), axes, 10)
-    state = training.init_state(CONFIG, tx, None, jax.random.key(0))
+    shapes = model.variable_shapes(CONFIG)
+    tx = optim.build_optimizer(optim.OptimConfig(warmup_steps=0), sharding.logical_axes(shapes)["params"], 10)
+    # Parameters drawn with NumPy at init's shapes: compiling the initialisers would take
+    # most of this test's time, and any values route tokens.
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) / np.sqrt(max(x.shape, default=1)), x.dtype),
+                          nn.unbox(shapes)["params"])
+    bias = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.unbox(shapes)["moe_bias"])
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, moe_bias=bias,
+                                opt_state=tx.init(params), tables=TableState(rows={}, slots={}))
     tokens = np.random.default_rng(0).integers(0, 64, (4, 9))
     batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
     step = jax.jit(functools.partial(training.train_step, config=CONFIG, tx=tx, tables=None,
