@@ -372,5 +372,7 @@ def test_compiled_expert_parallel_layer_exchanges_local_tokens_all_to_all():
     same_local = hlo.collective_bytes(compiled_moe_hlo(ep_mesh(1, 1, 4), batch=16))
     half_local = hlo.collective_bytes(compiled_moe_hlo(ep_mesh(2, 1, 4), batch=16))
     assert same_local["all-to-all"] == moved["all-to-all"] == 2 * half_local["all-to-all"]
+    # With fsdp, kernels are gathered inside the layer and their gradients reduce-scattered.
+    assert "reduce-scatter" in hlo.collective_bytes(compiled_moe_hlo(ep_mesh(1, 2, 4), batch=32))
     # GSPMD's MoE, for contrast, gathers over the global batch.
     assert "all-gather" in hlo.collective_bytes(compiled_moe_hlo(ep_mesh(2, 1, 4), 32, expert_parallel=False))

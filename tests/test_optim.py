@@ -124,6 +124,16 @@ def test_muon_updates_stacked_layers_as_each_layer_alone():
         chex.assert_trees_all_close(updates["v"], expected["v"], rtol=1e-5, atol=1e-7)
 
 
+def test_muon_updates_runs_of_stacked_blocks_of_different_lengths():
+    """engram-27b scans 13 and 14 blocks: each run is its own group of layers."""
+    config = OptimConfig(algorithm="muon", learning_rate=1e-2, warmup_steps=0, schedule="constant")
+    axes = {"blocks_2_4": {"kernel": ("layers", "embed", "mlp")}, "blocks_6_7": {"kernel": ("layers", "embed", "mlp")}}
+    params = {"blocks_2_4": {"kernel": jnp.ones((3, 16, 8))}, "blocks_6_7": {"kernel": jnp.ones((2, 16, 8))}}
+    tx = build_optimizer(config, axes, 10)
+    updates, _ = tx.update(params, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes(updates, params)
+
+
 @pytest.mark.parametrize("names", [("embed",), ("vocab", "embed"), ("embed", "vocab")])
 def test_vectors_and_vocabulary_stay_with_adam(names):
     assert muon_dimensions(names) is None
