@@ -22,22 +22,20 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from engram_jax import configs, model, optim, sharding, training  # noqa: E402
+from engram_jax import configs  # noqa: E402
+from engram_jax.data import DataConfig  # noqa: E402
 from engram_jax.model import ModelConfig  # noqa: E402
 from engram_jax.optim import OptimConfig  # noqa: E402
 from engram_jax.sharding import MeshConfig  # noqa: E402
-from engram_jax.table import Tables  # noqa: E402
+from train.dry_run import abstract_batch  # noqa: E402
+from train.run import RunConfig, build_steps  # noqa: E402
 
 GIB = 2**30
 
@@ -58,30 +56,11 @@ def lower_train_step(config: ModelConfig, batch: int, seq: int, mesh_config: Mes
     if devices is None:
         sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.expert)
         devices = jax.devices()[: math.prod(max(s, 1) for s in sizes)]
-    mesh = sharding.make_mesh(mesh_config, devices)
-    optim_config = optim_config or OptimConfig()
-    tables = Tables(config.engram, mesh, optim.table_optimizer(optim_config)) if config.engram else None
-    shapes = model.variable_shapes(config, mesh)
-    axes = sharding.logical_axes(shapes)["params"]
-    tx = optim.build_optimizer(optim_config, axes, total_steps=1000)
-    init = functools.partial(training.init_state, config, tx, tables, jax.random.key(0), mesh)
-    abstract = jax.eval_shape(init)
-    params = sharding.tree_shardings(mesh, axes, nn.unbox(shapes)["params"])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sharding = training.TrainState(
-        step=replicated, params=params, moe_bias=jax.tree.map(lambda _: replicated, abstract.moe_bias),
-        opt_state=sharding.like_params(abstract.opt_state, params, replicated),
-        tables=tables.shardings() if tables else abstract.tables)
-    batch_sharding = sharding.batch_sharding(mesh)
-    bias_rate = config.moe.bias_update_rate if config.moe else 0.0
-    train, _ = training.jit_steps(config, tx, tables, optim.schedule(optim_config, 1000), bias_rate,
-                                  state_sharding=state_sharding, batch_sharding=batch_sharding, mesh=mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding)
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
-    data = {"inputs": tokens, "targets": tokens}
-    if config.engram is not None:
-        data["hash_ids"] = {i: jax.ShapeDtypeStruct((batch, seq, config.engram.num_heads), jnp.int32,
-                                                    sharding=batch_sharding) for i in config.engram.layer_ids}
+    run = RunConfig(model=config, optim=optim_config or OptimConfig(), mesh=mesh_config, steps=1000,
+                    data=DataConfig(vocab_size=config.vocab_size, batch_size=batch, seq_len=seq, segment_ids=False))
+    steps = build_steps(run, devices=devices)  # as engram-train builds it
+    state, data = steps.abstract_with_sharding(), abstract_batch(run, steps.mesh)
+    train = steps.train_step
     start = time.perf_counter()
     lowered = train.lower(state, data)
     return lowered, time.perf_counter() - start

@@ -18,13 +18,12 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from engram_jax import configs, model, optim, sharding, training  # noqa: E402
-from engram_jax.table import Tables  # noqa: E402
+from engram_jax import configs, optim, sharding  # noqa: E402
+from engram_jax.data import DataConfig  # noqa: E402
+from train.run import RunConfig, build_steps  # noqa: E402
 
 BATCH, SEQ = 16, 128  # tiny's training shape
 
@@ -32,28 +31,15 @@ BATCH, SEQ = 16, 128  # tiny's training shape
 def step_of(spec: str, config, optim_config):
     """(train step, state, batch) of `config` on the mesh `spec` = "data x fsdp x expert"."""
     data, fsdp, expert = map(int, spec.split("x"))
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, expert=expert),
-                              jax.devices()[: data * fsdp * expert])
-    tables = Tables(config.engram, mesh, optim.table_optimizer(optim_config))
-    shapes = model.variable_shapes(config, mesh)
-    axes = sharding.logical_axes(shapes)["params"]
-    tx = optim.build_optimizer(optim_config, axes, 1000)
-    init = lambda: training.init_state(config, tx, tables, jax.random.key(0), mesh)  # noqa: E731
-    abstract = jax.eval_shape(init)
-    params = sharding.tree_shardings(mesh, axes, nn.unbox(shapes)["params"])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sharding = training.TrainState(
-        step=replicated, params=params, moe_bias=jax.tree.map(lambda _: replicated, abstract.moe_bias),
-        opt_state=sharding.like_params(abstract.opt_state, params, replicated), tables=tables.shardings())
-    train, _ = training.jit_steps(config, tx, tables, optim.schedule(optim_config, 1000), 1e-3,
-                                  state_sharding=state_sharding, batch_sharding=sharding.batch_sharding(mesh),
-                                  mesh=mesh)
+    run = RunConfig(model=config, optim=optim_config, steps=1000, data=DataConfig(vocab_size=config.vocab_size),
+                    mesh=sharding.MeshConfig(data=data, fsdp=fsdp, expert=expert))
+    steps = build_steps(run, devices=jax.devices()[: data * fsdp * expert])  # as engram-train builds it
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, SEQ + 1))
     hasher = config.engram.make_hasher(np.arange(config.vocab_size))
-    batch = sharding.global_batch(mesh, {"inputs": tokens[:, :-1].astype(np.int32),
-                                         "targets": tokens[:, 1:].astype(np.int32),
-                                         "hash_ids": hasher(tokens[:, :-1])})
-    return train, jax.jit(init, out_shardings=state_sharding)(), batch
+    batch = sharding.global_batch(steps.mesh, {"inputs": tokens[:, :-1].astype(np.int32),
+                                               "targets": tokens[:, 1:].astype(np.int32),
+                                               "hash_ids": hasher(tokens[:, :-1])})
+    return steps.train_step, jax.jit(steps.init, out_shardings=steps.state_sharding)(), batch
 
 
 def main() -> None:

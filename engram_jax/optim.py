@@ -184,10 +184,9 @@ def build_optimizer(config: OptimConfig, axes, total_steps: int) -> optax.Gradie
     # One vmapped group per stacked module (runs of blocks differ in length).
     layer_axes = jax.tree.map(lambda names, s: names[1:] if s else names, axes, stacked, is_leaf=is_axes)
     labels = jax.tree_util.tree_map_with_path(lambda path, s: path[0].key if s else "single", stacked)
-    groups = {"single": muon(axes)}
-    for name in {label for label in jax.tree.leaves(labels) if label != "single"}:
-        groups[name] = _per_layer(muon(layer_axes))
-    return optax.partition(groups, labels)
+    per_layer = _per_layer(muon(layer_axes))
+    groups = {label: per_layer for label in jax.tree.leaves(labels) if label != "single"}
+    return optax.partition({"single": muon(axes), **groups}, labels)
 
 
 def _per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
