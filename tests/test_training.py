@@ -194,16 +194,27 @@ def test_sparse_sgd_equals_dense_sgd_exactly_over_ten_steps_of_tiny():
 # ---------------------------------------------------------------- meshes and placements
 
 
+# Devices add sums in other orders, so the runs differ in their last bits; at a large
+# learning rate Adam's first step moves a row by +-lr whatever the size of its gradient,
+# which amplifies that, hence lr 1e-3. The MoE routes the same top-k here (no near-ties
+# in these 20 steps); a tie broken differently would show as a jump.
+LAZY_SLOW = OPTIM.replace(table_algorithm="lazy_adam", learning_rate=1e-3)
+NO_DROPS = CONFIG.replace(moe=CONFIG.moe.replace(capacity_factor=0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def one_device_losses() -> list[float]:
+    """Twenty steps of NO_DROPS on one device, the reference for every mesh."""
+    return Setup(NO_DROPS, LAZY_SLOW, expert_parallel=False).losses(twenty_batches())[1]
+
+
+def twenty_batches():
+    return [batch_of(NO_DROPS, seed=s) for s in range(20)]
+
+
 @pytest.mark.parametrize("mesh_shape, shard_axes", [((8, 1, 1), ()), ((2, 2, 2), ("expert",)), ((1, 2, 4), ())])
 def test_one_device_and_eight_give_the_same_losses_for_twenty_steps(mesh_shape, shard_axes):
-    # Devices add sums in other orders, so the runs differ in their last bits; at a
-    # large learning rate Adam's first step moves a row by +-lr whatever the size of its
-    # gradient, which amplifies that, hence lr 1e-3. The MoE routes the same top-k here
-    # (no near-ties in these 20 steps); a tie broken differently would show as a jump.
-    lazy = OPTIM.replace(table_algorithm="lazy_adam", learning_rate=1e-3)
-    config = CONFIG.replace(moe=CONFIG.moe.replace(capacity_factor=0.0))  # no copy dropped
-    batches = [batch_of(config, seed=s) for s in range(20)]
-    _, one = Setup(config, lazy, expert_parallel=False).losses(batches)
+    config, lazy, batches, one = NO_DROPS, LAZY_SLOW, twenty_batches(), one_device_losses()
     state, eight = Setup(config, lazy, mesh_shape=mesh_shape, shard_axes=shard_axes).losses(batches)
     assert len(state.tables.rows["layer_1"].sharding.device_set) == 8
     np.testing.assert_allclose(eight, one, rtol=1e-4)

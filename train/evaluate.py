@@ -162,7 +162,7 @@ class Trained:
             raise ValueError("this model has no Engram, so there are no gates to show")
         tokens = np.asarray([self.encode(prompt)], np.int32)
         hash_ids = self.hasher(tokens)
-        _, state = self.apply(tokens, hash_ids, mutable=["intermediates"])
+        _, state = jax.jit(functools.partial(self.apply, mutable=["intermediates"]))(tokens, hash_ids)
         gates = {layer: np.asarray(gate[0])  # the one prompt: [T, G]
                  for layer, gate in training._per_layer(state["intermediates"], "gate").items()}
         pieces = [self.tokenizer.decode([t]) for t in tokens[0]]
