@@ -1,7 +1,7 @@
 """The Engram table engine: traffic, memory and step time against table size and placement.
 
 Parts (`--parts`, default all), each printed as one JSON object:
-- `traffic`: `tiny`'s train step compiled for 8 simulated devices (data 4 x model 2,
+- `traffic`: `tiny`'s train step compiled for 8 simulated devices (data 4 x fsdp 2,
   tables over all 8) at 1x, 4x and 16x the rows: bytes moved by collectives per step
   (from the partitioned HLO) and per-device bytes of tables plus slots.
 - `lookup`: the two lookups the issue names, compiled for tiny's ids on 8 devices:
@@ -26,7 +26,6 @@ On CPU all "devices" share the same RAM and cores: compare ratios, not absolute 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -38,10 +37,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
 
-from engram_jax import configs, hlo, model, optim, sharding, training  # noqa: E402
+from engram_jax import configs, hlo, optim, sharding  # noqa: E402
 from engram_jax.table import Tables  # noqa: E402
+from train.run import build_steps, run_preset  # noqa: E402
 
 BATCH, SEQ = 16, 128  # tiny's training shape
 
@@ -53,35 +53,22 @@ def tiny(scale: int = 1, placement: str = "device", table_dtype: str = "float32"
     return base.replace(engram=engram)
 
 
-def mesh_of(shape):
-    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
-    return Mesh(devices, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
-
-
 class Step:
-    """tiny's jitted train step on a mesh, with its state's shardings."""
+    """tiny's train step on a data x fsdp x expert mesh, built as `engram-train` builds it
+    (`train.run.build_steps`), with its state's shardings."""
 
-    def __init__(self, config, algorithm="lazy_adam", mesh_shape=(1, 1)):
+    def __init__(self, config, algorithm="lazy_adam", mesh_shape=(1, 1, 1)):
         self.host_hasher = config.engram.make_hasher(np.arange(config.vocab_size))
         hasher = self.host_hasher.on_device() if config.engram.hash_on_device else None
-        self.config, self.mesh = config, mesh_of(mesh_shape)
+        data, fsdp, expert = mesh_shape
         oc = optim.OptimConfig(learning_rate=6e-3, warmup_steps=0, schedule="constant", table_algorithm=algorithm)
-        self.tables = Tables(config.engram, self.mesh, optim.table_optimizer(oc))
-        axes = sharding.logical_axes(model.variable_shapes(config))["params"]
-        self.tx = optim.build_optimizer(oc, axes, 100)
-        self._init = functools.partial(training.init_state, config, self.tx, self.tables, jax.random.key(0))
-        abstract = jax.eval_shape(self._init)
-        params = sharding.tree_shardings(self.mesh, axes)
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        self.sharding = training.TrainState(step=rep, params=params,
-                                            moe_bias=jax.tree.map(lambda _: rep, abstract.moe_bias),
-                                            opt_state=sharding.like_params(abstract.opt_state, params, rep),
-                                            tables=self.tables.shardings())
+        run = run_preset("tiny").replace(model=config, optim=oc, steps=100,
+                                         mesh=sharding.MeshConfig(data=data, fsdp=fsdp, expert=expert))
+        steps = build_steps(run, hasher, devices=jax.devices()[: data * fsdp * expert])
+        self.config, self.mesh, self.tables, self.tx = config, steps.mesh, steps.tables, steps.tx
+        self._init, self.sharding, self.train = steps.init, steps.state_sharding, steps.train_step
         self.abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                     abstract, self.sharding)
-        self.train, _ = training.jit_steps(config, self.tx, self.tables, optim.schedule(oc, 100), 0.01,
-                                           table_lr_multiplier=5.0, clip_norm=1.0, state_sharding=self.sharding,
-                                           batch_sharding=sharding.batch_sharding(self.mesh), hasher=hasher)
+                                     steps.abstract_state, self.sharding)
 
     def batch(self, seed=0):
         rng = np.random.default_rng(seed)
@@ -135,7 +122,7 @@ def table_bytes(step: Step) -> dict:
 def part_traffic(args) -> dict:
     out = {}
     for scale in (1, 4, 16):
-        step = Step(tiny(scale), mesh_shape=(4, 2))
+        step = Step(tiny(scale), mesh_shape=(4, 2, 1))
         compiled = step.compile()
         text = compiled.as_text()
         traffic = hlo.collective_bytes(text)
@@ -166,7 +153,7 @@ def _lookup_gather_scatter(tables: Tables, rows, flat_ids, layout):
 
 
 def part_lookup(args) -> dict:
-    step = Step(tiny(1), mesh_shape=(4, 2))
+    step = Step(tiny(1), mesh_shape=(4, 2, 1))
     tables, layer = step.tables, step.config.engram.layer_ids[0]
     layout = tables.layouts[layer]
     state = step.state()
@@ -265,7 +252,7 @@ def part_placement(args) -> dict:
     out = {}
     for scale in (1, 16):
         for placement in ("device", "host"):
-            step = Step(tiny(scale, placement), mesh_shape=(1, 1))
+            step = Step(tiny(scale, placement), mesh_shape=(1, 1, 1))
             compiled = step.compile()
             m = compiled.memory_analysis()
             by_kind = {}
@@ -306,7 +293,7 @@ def part_hash_in_step(args) -> dict:
 def part_schedule(args) -> dict:
     out = {}
     for placement in ("device", "host"):
-        text = Step(tiny(1, placement), mesh_shape=(4, 2)).compile().as_text()
+        text = Step(tiny(1, placement), mesh_shape=(4, 2, 1)).compile().as_text()
         entry = hlo.instructions(text[text.index("\nENTRY"):])
         lookups = [i for i, (_, _, op) in enumerate(entry) if op in ("all-to-all", "all-to-all-start")]
         dots = [i for i, (name, _, op) in enumerate(entry) if op in ("dot", "convolution")
