@@ -14,8 +14,8 @@ are copied to `--record` (default `benchmarks/runs/compare`) as
 `<preset>_lr<lr>_steps<steps>_seed<seed>/`, so that the figures in RESULTS.md are
 reproducible from the repository. Prints one JSON object with every run's final
 validation loss and bits per byte and the baseline-minus-Engram gap of every pair, and
-draws the validation curves (and, for more than one learning rate, final loss against
-learning rate) into `--out`.
+draws into `--out` the validation curves or, for more than one learning rate, final loss
+against learning rate.
 """
 
 from __future__ import annotations
