@@ -67,8 +67,7 @@ class Step:
         steps = build_steps(run, hasher, devices=jax.devices()[: data * fsdp * expert])
         self.config, self.mesh, self.tables, self.tx = config, steps.mesh, steps.tables, steps.tx
         self._init, self.sharding, self.train = steps.init, steps.state_sharding, steps.train_step
-        self.abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                     steps.abstract_state, self.sharding)
+        self.abstract = steps.abstract_with_sharding()
 
     def batch(self, seed=0):
         rng = np.random.default_rng(seed)

@@ -71,6 +71,15 @@ class Setup:
             state_sharding=self.sharding, batch_sharding=sharding.batch_sharding(self.mesh), hasher=hasher,
             mesh=model_mesh)
 
+    def compile(self, batch: int, seq: int):
+        """The train step compiled for a [batch, seq] batch, from abstract arrays only."""
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(self.init), self.sharding)
+        rows = sharding.batch_sharding(self.mesh)
+        data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows),
+                            jax.eval_shape(lambda: batch_of(self.config, batch=batch, seq=seq)))
+        return self.train.lower(state, data).compile()
+
     def losses(self, batches):
         state, out = self.init(), []
         for batch in batches:
@@ -214,10 +223,9 @@ def twenty_batches():
 
 @pytest.mark.parametrize("mesh_shape, shard_axes", [((8, 1, 1), ()), ((2, 2, 2), ("expert",)), ((1, 2, 4), ())])
 def test_one_device_and_eight_give_the_same_losses_for_twenty_steps(mesh_shape, shard_axes):
-    config, lazy, batches, one = NO_DROPS, LAZY_SLOW, twenty_batches(), one_device_losses()
-    state, eight = Setup(config, lazy, mesh_shape=mesh_shape, shard_axes=shard_axes).losses(batches)
+    state, eight = Setup(NO_DROPS, LAZY_SLOW, mesh_shape=mesh_shape, shard_axes=shard_axes).losses(twenty_batches())
     assert len(state.tables.rows["layer_1"].sharding.device_set) == 8
-    np.testing.assert_allclose(eight, one, rtol=1e-4)
+    np.testing.assert_allclose(eight, one_device_losses(), rtol=1e-4)
 
 
 def test_host_and_device_placement_give_the_same_losses_for_thirty_steps():
@@ -243,12 +251,7 @@ def compiled_tiny(rows_scale: int, placement: str):
                                  placement=placement)
     config = base.replace(engram=engram)
     setup = Setup(config, OPTIM.replace(table_algorithm="lazy_adam"), mesh_shape=(2, 2, 2))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(setup.init), setup.sharding)
-    batch = jax.eval_shape(lambda: batch_of(config, batch=16, seq=128))
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                        sharding=sharding.batch_sharding(setup.mesh)), batch)
-    return setup, setup.train.lower(abstract, batch).compile()
+    return setup, setup.compile(batch=16, seq=128)
 
 
 @pytest.mark.parametrize("placement", ["device", "host"])
@@ -283,12 +286,7 @@ def test_compiled_host_step_keeps_tables_and_slots_in_pinned_host():
 @functools.lru_cache(maxsize=None)
 def compiled_step(mesh_shape):
     """The train step of CONFIG for a [16, 16] batch, compiled for `mesh_shape`."""
-    setup = Setup(CONFIG, OPTIM, mesh_shape=mesh_shape)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(setup.init), setup.sharding)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(setup.mesh)),
-                         jax.eval_shape(lambda: batch_of(CONFIG, batch=16, seq=16)))
-    return setup.train.lower(abstract, batch).compile()
+    return Setup(CONFIG, OPTIM, mesh_shape=mesh_shape).compile(batch=16, seq=16)
 
 
 def test_fsdp_splits_the_state_and_moves_weights_not_the_batch():

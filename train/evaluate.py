@@ -111,6 +111,11 @@ class Trained:
         memory, _ = training.lookup(self.tables, self.rows, {"hash_ids": hash_ids})
         return Model(self.config.model).apply(self.variables, tokens, memory, mutable=mutable)
 
+    @functools.cached_property
+    def _apply_with_intermediates(self):
+        """`apply`, jitted once per model, also returning the sown intermediates (gates)."""
+        return jax.jit(functools.partial(self.apply, mutable=["intermediates"]))
+
     def encode(self, text: str) -> list[int]:
         """The prompt's ids after an end-of-document id, as documents start in training."""
         start = data.eod_id(self.tokenizer, self.config.data.eod_token)
@@ -162,7 +167,7 @@ class Trained:
             raise ValueError("this model has no Engram, so there are no gates to show")
         tokens = np.asarray([self.encode(prompt)], np.int32)
         hash_ids = self.hasher(tokens)
-        _, state = jax.jit(functools.partial(self.apply, mutable=["intermediates"]))(tokens, hash_ids)
+        _, state = self._apply_with_intermediates(tokens, hash_ids)
         gates = {layer: np.asarray(gate[0])  # the one prompt: [T, G]
                  for layer, gate in training._per_layer(state["intermediates"], "gate").items()}
         pieces = [self.tokenizer.decode([t]) for t in tokens[0]]

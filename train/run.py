@@ -335,7 +335,7 @@ class Run:
         self.device_hasher = self.hasher.on_device() if on_device else None
         self.pipeline_hasher = None if on_device else self.hasher
         self.validation = Validation(config, self.tokenizer, self.pipeline_hasher)
-        steps = build_steps(config, self.device_hasher)
+        self.steps = steps = build_steps(config, self.device_hasher)
         self.mesh, self.tables, self.tx, self.schedule = steps.mesh, steps.tables, steps.tx, steps.schedule
         self._init, self.abstract_state, self.state_sharding = steps.init, steps.abstract_state, steps.state_sharding
         self.train_step, self.eval_step = steps.train_step, steps.eval_step
@@ -343,9 +343,8 @@ class Run:
     def init_state(self) -> training.TrainState:
         return jax.jit(self._init, out_shardings=self.state_sharding)()
 
-    def abstract_with_sharding(self):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.abstract_state, self.state_sharding)
+    def abstract_with_sharding(self) -> training.TrainState:
+        return self.steps.abstract_with_sharding()
 
     def batches(self, split: str, num_batches: int | None = None):
         """A Grain iterator of this process's batches of `split`."""
