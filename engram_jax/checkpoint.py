@@ -19,9 +19,11 @@ bad one out of Orbax's sight, keeping it on disk).
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import re
+import shutil
 import sys
 import traceback
 from typing import Any
@@ -33,10 +35,16 @@ import orbax.checkpoint as ocp
 from engram_jax import data
 
 MODEL, OPT, DATA, CONFIG = "model", "opt", "data", "config"
+# In the name of a step folder Orbax is still writing (renamed to `<step>` once complete).
+TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint."""
+
+
+class SaveFailed(CheckpointError):
+    """A save that did not reach the disk: one line with the step, the cause and where a rerun resumes."""
 
 
 class UnreadableCheckpoint(CheckpointError):
@@ -104,6 +112,23 @@ def _quiet_reads_of_failed_restores() -> None:
     sys.unraisablehook = hook
 
 
+def _no_space(err: BaseException | None) -> bool:
+    """Whether `err` or a cause of it is a full file system (Python's ENOSPC or TensorStore's text of it)."""
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _size(n: float) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} bytes" if i == 0 else f"{n:.1f} {units[i]}"
+
+
 def _short(value: Any) -> str:
     return "{...}" if isinstance(value, dict) else repr(value)
 
@@ -135,6 +160,7 @@ class Checkpoints:
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: tuple[int, int] | None = None  # (step, bytes) of the last save started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -143,13 +169,23 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, config: dict, data_iterator=None, *, force: bool = False) -> bool:
-        """Saves (asynchronously) when `step` is due or `force`; returns whether it did."""
+        """Saves (asynchronously) when `step` is due or `force`; returns whether it did.
+
+        Raises SaveFailed when this save, or the one before it (still being written), fails.
+        """
+        if not (force or self.manager.should_save(step)):
+            return False
+        self.wait()  # Orbax waits for the previous save anyway: its failure is reported under its own step
         items = {MODEL: ocp.args.StandardSave(_model_item(state)),
                  OPT: ocp.args.StandardSave({"dense": state.opt_state, "table_slots": state.tables.slots}),
                  CONFIG: ocp.args.JsonSave(config)}
         if data_iterator is not None:
             items[DATA] = data.checkpoint_args(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._in_flight = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:
+            raise self._save_failed(err) from err
 
     def read_config(self, step: int | None = None) -> dict:
         """The run config saved with `step` (default: the latest)."""
@@ -188,7 +224,27 @@ class Checkpoints:
         return self._restore(step, {MODEL: ocp.args.StandardRestore(abstract_variables, strict=False)})[MODEL]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the save in flight is on disk; raises SaveFailed if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if self._in_flight is None:
+                raise
+            raise self._save_failed(err) from err
+        self._in_flight = None
+
+    def _save_failed(self, err: Exception) -> SaveFailed:
+        """The error of the save in flight, in one line; it is no longer in flight."""
+        (step, needed), self._in_flight = self._in_flight, None
+        cause = _describe(err)
+        if _no_space(err):
+            free = shutil.disk_usage(self.directory).free
+            cause = (f"no space left on device: the checkpoint needs about {_size(needed)} "
+                     f"and {_size(free)} are free ({cause})")
+        intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step)
+        resume = f"a rerun resumes from step {intact[-1]}" if intact else "a rerun starts from step 0"
+        return SaveFailed(f"saving the checkpoint of step {step} in {self.directory / str(step)} failed: {cause}; "
+                          f"{resume}")
 
     def close(self) -> None:
         self.manager.close()

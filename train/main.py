@@ -10,9 +10,10 @@ import sys
 from engram_jax import configs
 from engram_jax.checkpoint import CheckpointError
 from engram_jax.config_base import ConfigError
+from train.workdir_lock import WorkdirInUse
 
-# Bad input that deserves one clear line, not a traceback.
-USER_ERRORS = (ConfigError, CheckpointError, KeyError, ValueError, FileNotFoundError)
+# Bad input (and failed saves, a folder in use) that deserve one clear line, not a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, KeyError, ValueError, FileNotFoundError, WorkdirInUse)
 
 
 def _fail(program: str, err: BaseException) -> int:
@@ -125,6 +126,11 @@ def train_main(argv: list[str] | None = None) -> int:
         return _fail("engram-train", RuntimeError(_OOM_ADVICE.format(detail=_first_line(err))))
     import jax
 
+    if "stopped_by" in result:  # a stop request: the checkpoint is on disk
+        if jax.process_index() == 0:
+            print(f"engram-train: {result['stopped_by']}: stopped after step {result['step']} with checkpoint "
+                  f"{result['checkpoint']}; run the same command again to resume from there", flush=True)
+        return 130 if result["stopped_by"] == "SIGINT" else 143  # the shell's codes for death by SIGINT, SIGTERM
     if jax.process_index() == 0:  # one summary per run, not one per process
         if "val_loss" in result:
             print(f"validation loss {result['val_loss']:.4f} nats/token "

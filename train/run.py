@@ -37,6 +37,7 @@ from engram_jax.model import ModelConfig
 from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
 from engram_jax.table import Tables
+from train import preemption
 from train.evaluate import Validation
 
 log = logging.getLogger("engram_jax.train")
@@ -359,6 +360,10 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
           stop_after: int | None = None) -> dict:
     """Trains (or resumes) a run; returns the final metrics and the checkpoint path.
 
+    The run holds `workdir`'s lock, and a SIGTERM or Ctrl-C stops it after the current
+    step with a checkpoint (`stopped_by` in the result then names the signal); see
+    train/preemption.py.
+
     Args:
       config: the run.
       workdir: the run folder; default `runs/<config.name>`.
@@ -366,6 +371,12 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
         with the same config resumes exactly.
     """
     workdir = pathlib.Path(workdir or pathlib.Path("runs") / config.name).absolute()
+    with preemption.guard(workdir) as (stop, _):
+        return _train(config, workdir, stop_after, stop)
+
+
+def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
+           stop: preemption.StopRequest) -> dict:
     lead = jax.process_index() == 0
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +411,7 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
     final: dict = {}
     batches = sharding.Prefetch(iterator, run.mesh)  # the next batches copy while a step runs
     clock = None  # (time, step) once the first step, which includes compilation, is done
+    stopped_by = None
     try:
         for step in range(start, end):
             batch = next(batches)
@@ -427,7 +439,11 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
                 writer.write(done, final)
                 if lead:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-            checkpoints.save(done, state, config.to_dict(), batches, force=done == end)
+            stopping = stop.reached(done) and done < end  # the same step on every process
+            checkpoints.save(done, state, config.to_dict(), batches, force=done == end or stopping)
+            if stopping:
+                stopped_by = stop.signal_name
+                break
             if done % config.eval_every == 0:  # tokens/s counts training steps only
                 clock = (time.perf_counter(), done)
     finally:
@@ -437,4 +453,5 @@ def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
         writer.close()
     path = checkpoints.directory / str(checkpoints.latest_step())
     checkpoints.close()
-    return {"step": int(state.step), "checkpoint": str(path), **final}
+    stopped = {"stopped_by": stopped_by} if stopped_by else {}
+    return {"step": int(state.step), "checkpoint": str(path), **stopped, **final}
