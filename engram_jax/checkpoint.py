@@ -121,6 +121,18 @@ def _no_space(err: BaseException | None) -> bool:
     return False
 
 
+def _written_file(err: BaseException | None) -> str | None:
+    """The file a failed write names (TensorStore's "Failed writing: "<file>"" or an OSError's)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.filename:
+            return str(err.filename)
+        found = re.search(r'(?:Failed writing:|Error writing local file) "([^"]+)"', str(err))
+        if found:
+            return found.group(1)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _size(n: float) -> str:
     units = ("bytes", "KiB", "MiB", "GiB", "TiB")
     i = 0
@@ -161,6 +173,7 @@ class Checkpoints:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: tuple[int, int] | None = None  # (step, bytes) of the last save started
+        self._failure: SaveFailed | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -185,7 +198,8 @@ class Checkpoints:
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as err:
-            raise self._save_failed(err) from err
+            self._failure = self._save_failed(err)
+            raise self._failure from err
 
     def read_config(self, step: int | None = None) -> dict:
         """The run config saved with `step` (default: the latest)."""
@@ -228,9 +242,12 @@ class Checkpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as err:
-            if self._in_flight is None:
-                raise
-            raise self._save_failed(err) from err
+            if self._in_flight is not None:
+                self._failure = self._save_failed(err)
+                raise self._failure from err
+            if self._failure is not None:  # Orbax raises a failed save's error again: report it once, alike
+                raise self._failure from None
+            raise
         self._in_flight = None
 
     def _save_failed(self, err: Exception) -> SaveFailed:
@@ -238,9 +255,10 @@ class Checkpoints:
         (step, needed), self._in_flight = self._in_flight, None
         cause = _describe(err)
         if _no_space(err):
-            free = shutil.disk_usage(self.directory).free
-            cause = (f"no space left on device: the checkpoint needs about {_size(needed)} "
-                     f"and {_size(free)} are free ({cause})")
+            written = _written_file(err)
+            where = f" (writing {written})" if written else ""
+            cause = (f"no space left on device{where}: the checkpoint's arrays need about {_size(needed)}, "
+                     f"{_size(shutil.disk_usage(self.directory).free)} are free")
         intact = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step)
         resume = f"a rerun resumes from step {intact[-1]}" if intact else "a rerun starts from step 0"
         return SaveFailed(f"saving the checkpoint of step {step} in {self.directory / str(step)} failed: {cause}; "

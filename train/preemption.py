@@ -97,53 +97,83 @@ class StopRequest:
         return self.received or "a preemption notice"
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A file handler that says nothing when it cannot write: the disk may be the one that is full."""
+
+    def handleError(self, record) -> None:  # noqa: N802 (logging's name)
+        pass
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
+# Where exceptions that Python cannot raise go, once a LibraryLog was entered (see _unraisable).
+_unraisable_log: list[pathlib.Path] = []
+
+
+def _unraisable(unraisable) -> None:
+    """Appends an unraisable exception to the latest run's log file.
+
+    Kept installed after the run: a failed save's or restore's last callbacks and
+    coroutines end later, some at interpreter exit, when most of Python is gone; then
+    they are dropped rather than printed.
+    """
+    try:
+        text = "".join(traceback.format_exception(unraisable.exc_type, unraisable.exc_value,
+                                                  unraisable.exc_traceback))
+        with open(_unraisable_log[-1], "a") as f:
+            f.write(f"unraisable exception ({unraisable.err_msg or 'ignored'}):\n{text}")
+    except Exception:  # noqa: BLE001, S110 (shutting down, or the disk is full: nowhere to say it)
+        pass
+
+
 class LibraryLog:
     """Library records and tracebacks to `path` instead of the terminal (while entered).
 
     The records of `LIBRARY_LOGGERS` stop propagating to the terminal's handlers; our own
     `engram_jax` lines are copied to the file too, so that it reads in order. Exceptions
     Python cannot raise anywhere (`sys.unraisablehook`: callbacks of a failed restore's
-    other reads) are written to the file. `exception()` adds a traceback.
+    other reads, a failed save's coroutines) are appended to the file, also after the
+    run. `exception()` adds a traceback.
     """
 
     def __init__(self, path: pathlib.Path):
         self.path = path
-        self.handler: logging.Handler | None = None
+        self.handler = _QuietFileHandler(path, delay=True)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         self._saved: dict[str, bool] = {}
-        self._hook = None
 
     def __enter__(self) -> LibraryLog:
-        self.handler = logging.FileHandler(self.path, delay=True)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         for name in LIBRARY_LOGGERS:
             logger = logging.getLogger(name)
             self._saved[name] = logger.propagate
             logger.propagate = False
             logger.addHandler(self.handler)
         logging.getLogger("engram_jax").addHandler(self.handler)
-        self._hook = sys.unraisablehook
-        sys.unraisablehook = self._unraisable
+        _unraisable_log.append(self.path)
+        sys.unraisablehook = _unraisable
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            # A failed save or restore leaves tasks that report their errors when collected,
+            # after the run: they go to the file too (a command line ends soon after).
+            self.handler.flush()
+            return
         for name, propagate in self._saved.items():
             logging.getLogger(name).removeHandler(self.handler)
             logging.getLogger(name).propagate = propagate
         logging.getLogger("engram_jax").removeHandler(self.handler)
-        if sys.unraisablehook == self._unraisable:
-            sys.unraisablehook = self._hook
         self.handler.close()
 
-    def _unraisable(self, unraisable) -> None:
-        text = "".join(traceback.format_exception(unraisable.exc_type, unraisable.exc_value,
-                                                  unraisable.exc_traceback))
-        self.write(f"unraisable exception ({unraisable.err_msg or 'ignored'}):\n{text}")
-
-    def write(self, text: str) -> None:
-        self.handler.emit(logging.LogRecord("engram_jax.train", logging.ERROR, __file__, 0, text, None, None))
-
     def exception(self, err: BaseException) -> None:
-        self.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        self.handler.emit(logging.LogRecord("engram_jax.train", logging.ERROR, __file__, 0, text, None, None))
 
 
 def remove_unfinished_checkpoints(directory: pathlib.Path) -> None:
