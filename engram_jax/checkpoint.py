@@ -255,7 +255,9 @@ class Checkpoints:
         (step, needed), self._in_flight = self._in_flight, None
         cause = _describe(err)
         if _no_space(err):
-            written = _written_file(err)
+            # TensorStore names the file in some of its errors; else the folder being written.
+            written = _written_file(err) or next(
+                (str(p) for p in self.directory.glob(f"{step}{TMP_MARK}*")), None)
             where = f" (writing {written})" if written else ""
             cause = (f"no space left on device{where}: the checkpoint's arrays need about {_size(needed)}, "
                      f"{_size(shutil.disk_usage(self.directory).free)} are free")

@@ -190,7 +190,7 @@ def remove_unfinished_checkpoints(directory: pathlib.Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         log.warning("removed %d unfinished checkpoint folder(s) left by an interrupted save: %s", len(left),
                     ", ".join(p.name for p in left))
-    if left and jax.process_count() > 1:
+    if jax.process_count() > 1:  # every process, whatever it sees, so that none waits alone
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("engram_jax removed unfinished checkpoints")

@@ -6,7 +6,8 @@
 
 A run folder (default `runs/<name>`) holds `config.json`, `tokenizer.json`,
 `metrics.jsonl` (one line per logged step and per validation), TensorBoard events when
-tensorboardX is installed, and Orbax checkpoints under `checkpoints/`. Running again
+tensorboardX is installed, Orbax checkpoints under `checkpoints/`, the run's `lock` and
+`engram-train.log` (libraries' warnings and tracebacks; train/preemption.py). Running again
 in the same folder resumes from the latest checkpoint that reads; one that does not is
 renamed `<step>.corrupt`, with a warning. A resumed run keeps its model, data, optimizer
 and length (`steps`, which shapes the learning-rate schedule): changing one is refused.
