@@ -16,7 +16,6 @@ import time
 import pytest
 
 from test_train import corpus, micro_config, spoil, train_losses  # noqa: F401 (corpus is a fixture)
-from train.run import train
 from train.workdir_lock import WorkdirInUse, WorkdirLock
 
 pytestmark = pytest.mark.slow
@@ -28,14 +27,22 @@ TIMEOUT_S = 300
 INFO = re.compile(r"\d\d:\d\d:\d\d ")  # our own progress lines on stderr (train/main.py's log format)
 
 
+def environment(config) -> dict:
+    """The processes share JAX's compilation cache, beside the data cache: only the first
+    compiles (30 s -> 11 s a run here)."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(config.data.cache_dir).parent / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def start(config, workdir: pathlib.Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-u", "-c", CLI, json.dumps(config.to_dict()), "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment(config))
 
 
 def run(config, workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CLI, json.dumps(config.to_dict()), "--workdir", str(workdir), *args],
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env=environment(config))
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
@@ -55,10 +62,11 @@ def validation_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):  # noqa: F811
-    """An uninterrupted run of 8 steps, in this process."""
+    """An uninterrupted run of 8 steps (which fills the shared compilation cache)."""
     root = tmp_path_factory.mktemp("runs")
     config = micro_config(corpus, root / "cache")
-    train(config, root / "straight")
+    result = run(config, root / "straight")
+    assert result.returncode == 0, result.stderr
     return config, root
 
 
