@@ -39,7 +39,7 @@ def step_of(spec: str, config, optim_config):
     batch = sharding.global_batch(steps.mesh, {"inputs": tokens[:, :-1].astype(np.int32),
                                                "targets": tokens[:, 1:].astype(np.int32),
                                                "hash_ids": hasher(tokens[:, :-1])})
-    return steps.train_step, jax.jit(steps.init, out_shardings=steps.state_sharding)(), batch
+    return steps.train_step, steps.init(), batch
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def measure(config, batch: int, seq: int, repeats: int) -> dict:
     if config.engram is not None:  # one device; the lookup and its gradient are in the step
         mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
         tables = Tables(config.engram, mesh, RowOptimizer())
-        rows = jax.jit(tables.init, out_shardings=tables.shardings())(jax.random.key(1)).rows
+        rows = tables.create(jax.random.key(1)).rows
 
     @jax.jit
     def step(p, rows, batch):  # gradients of the params and of the rows read, as in the train step

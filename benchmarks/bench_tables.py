@@ -15,6 +15,11 @@ Parts (`--parts`, default all), each printed as one JSON object:
 - `placement`: host against device placement of the tables: step time and the
   compiled program's device and host memory, at 1x and 16x the rows.
 - `schedule`: where the table gather lands in the compiled step's schedule.
+- `init`: creating host-placed tables at 1x and 4x the rows, 8 devices: the compiled
+  init's device temporaries when the tables are made by one device program whose
+  outputs are marked `pinned_host` (the path before `Tables.create`) against the
+  engine's (dense state by one program, tables drawn on the host shard by shard).
+- `dtype`: the lookup's all-to-all bytes per step with float32 and bfloat16 tables.
 - `hash_in_step`: `tiny`'s step time with hash ids from the pipeline against hashing in
   the step (`model.engram.hash_on_device`), one device.
 
@@ -87,12 +92,9 @@ class Step:
         """A state whose tables are zeros: as fast to make as the memory is to touch
         (drawing gigabytes of normal numbers takes minutes on 2 cores; timing is the same)."""
 
-        def make():
-            state = self._init()
-            zeros = jax.tree.map(jnp.zeros_like, state.tables)
-            return state.replace(tables=zeros)
-
-        return jax.jit(make, out_shardings=self.sharding)()
+        zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.abstract.tables),
+                        out_shardings=self.sharding.tables)
+        return self._init.dense(self._init.model_rng).replace(tables=zeros())
 
     def time(self, steps: int) -> dict:
         state, batches = self.state(), [self.batch(s) for s in range(3)]
@@ -302,7 +304,59 @@ def part_schedule(args) -> dict:
     return out
 
 
-PARTS = {"traffic": part_traffic, "lookup": part_lookup, "dedup": part_dedup, "scaling": part_scaling,
+def _tables_in_one_program(tables: Tables, rng):
+    """The former init, for comparison: every shard's rows drawn by a device program
+    (float32 normals, then cast) and zero slots, outputs placed by `out_shardings`."""
+    rows, slots = {}, {}
+    for i, layout in tables.layouts.items():
+        drawn = tables.config.table_init_std * jax.random.normal(jax.random.fold_in(rng, i),
+                                                                 (layout.padded_rows, layout.dim), jnp.float32)
+        valid = jnp.arange(layout.padded_rows)[:, None] < layout.rows
+        rows[f"layer_{i}"] = jnp.where(valid, drawn, 0).astype(tables.row_dtype)
+        slots[f"layer_{i}"] = {name: jnp.zeros(s, d) for name, (s, d) in
+                               tables.optimizer.slot_shapes(layout.padded_rows, layout.dim, tables.row_dtype).items()}
+    return type(tables.abstract_state())(rows=rows, slots=slots)
+
+
+def part_init(args) -> dict:
+    out = {}
+    for scale in (1, 4):
+        step = Step(tiny(scale, "host", "bfloat16"), mesh_shape=(8, 1, 1))
+        former = jax.jit(lambda rng, t=step.tables: _tables_in_one_program(t, rng),
+                         out_shardings=step.tables.shardings()).lower(jax.random.key(0)).compile().memory_analysis()
+        dense = step._init.dense.lower(step._init.model_rng).compile().memory_analysis()
+        start = time.perf_counter()
+        tables = step.tables.create(jax.random.key(0))
+        jax.block_until_ready(tables)
+        created_s = time.perf_counter() - start
+        out[f"{scale}x"] = {
+            "table_rows_per_device": int(np.prod(tables.rows["layer_1"].sharding.shard_shape(
+                tables.rows["layer_1"].shape))) // tables.rows["layer_1"].shape[1],
+            "host_output_bytes_per_device": int(former.output_size_in_bytes),
+            "one_program_device_temp_bytes": int(former.temp_size_in_bytes),
+            "engine_dense_init_device_temp_bytes": int(dense.temp_size_in_bytes),
+            "engine_table_device_programs": 0,
+            "engine_tables_created_s": round(created_s, 2),
+            "engine_tables_memory_kinds": sorted({x.sharding.memory_kind for x in jax.tree.leaves(tables)})}
+        del tables
+    return out
+
+
+def part_dtype(args) -> dict:
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        step = Step(tiny(1, "device", dtype), mesh_shape=(8, 1, 1))
+        ids = {i: jax.ShapeDtypeStruct((BATCH, SEQ, len(step.config.engram.head_sizes(i))), jnp.int32,
+                                       sharding=sharding.batch_sharding(step.mesh)) for i in step.config.engram.layer_ids}
+        text = jax.jit(lambda rows, ids, t=step.tables: t.lookup(rows, ids)[0]).lower(
+            step.abstract.tables.rows, ids).compile().as_text()
+        out[dtype] = {"lookup_all_to_all_bytes": hlo.collective_bytes(text).get("all-to-all", 0)}
+    out["bfloat16_over_float32"] = round(out["bfloat16"]["lookup_all_to_all_bytes"]
+                                         / out["float32"]["lookup_all_to_all_bytes"], 3)
+    return out
+
+
+PARTS = {"traffic": part_traffic, "init": part_init, "dtype": part_dtype, "lookup": part_lookup, "dedup": part_dedup, "scaling": part_scaling,
          "placement": part_placement, "schedule": part_schedule, "hash_in_step": part_hash_in_step,
          "flat": part_flat}
 

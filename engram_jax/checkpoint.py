@@ -206,9 +206,15 @@ class Checkpoints:
         step = self.resolve(step)
         return self._restore(step, {CONFIG: ocp.args.JsonRestore()})[CONFIG]
 
-    def check_config(self, current: dict, step: int | None = None, key: str = "model") -> None:
-        """Raises CheckpointError if the saved config's `key` part differs from `current`'s."""
-        diff = config_differences(self.read_config(step).get(key), current.get(key), f"{key}.")
+    def check_config(self, current: dict, step: int | None = None, key: str = "model",
+                     ignore: tuple[str, ...] = ()) -> None:
+        """Raises CheckpointError if the saved config's `key` part differs from `current`'s.
+
+        Args:
+          ignore: dotted keys (`model.engram.placement`) that may differ.
+        """
+        diff = [line for line in config_differences(self.read_config(step).get(key), current.get(key), f"{key}.")
+                if line.split(":")[0] not in ignore]
         if diff:
             more = f"\n  ... and {len(diff) - 6} more" if len(diff) > 6 else ""
             raise CheckpointError(f"{self.directory} holds a checkpoint of a different {key} config "

@@ -28,14 +28,17 @@ exists (except for the dense `adam` algorithm, kept for parity).
 Capacity. A bucket holds C = min(U, max(ceil(f U / S), 64)) ids, U being the device's
 id slots and f `EngramConfig.lookup_capacity_factor`; f = 0 sizes C = U, which can
 never overflow. Hash ids are uniform over the rows, so the expected load of a bucket
-is at most U / S; ids beyond C are dropped (their memory vector is zero and their row
-is not updated) and counted in the `engram_dropped/<layer>` metric, never silently.
+is at most U / S; ids beyond C are dropped (their head's part of the memory vector is
+zero and their row is not updated) and counted, never silently: `engram_dropped/<layer>`
+counts the token positions affected. Which ids a full bucket drops changes with a salt
+(the step), so the same rows do not starve on every overflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -56,6 +59,10 @@ _INT32_LIMIT = 2**31
 # capacity factor is not small, so small batches get exact (no-drop) buckets.
 _MIN_CAPACITY = 64
 ROW_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Initial rows are drawn in blocks of this many rows, each from its own NumPy stream
+# keyed by (seed, layer, block): a shard draws only the blocks it overlaps, and the rows
+# do not depend on how the table is split. 4096 rows keep a block's draw ~1 MB at Dh=64.
+_INIT_BLOCK_ROWS = 4096
 
 
 def head_offsets(head_sizes: Sequence[int]) -> np.ndarray:
@@ -66,6 +73,47 @@ def head_offsets(head_sizes: Sequence[int]) -> np.ndarray:
 def layer_key(layer_id: int) -> str:
     """The key of a layer's table in `TableState` (Orbax trees need string keys)."""
     return f"layer_{layer_id}"
+
+
+def _seed_words(rng: jax.Array) -> tuple[int, ...]:
+    """The words of a (typed or raw) PRNG key, to seed NumPy streams with."""
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return tuple(int(w) for w in np.asarray(data).ravel())
+
+
+def init_rows(seed: Sequence[int], layer_id: int, start: int, stop: int, layout: "TableLayout",
+              std: float) -> np.ndarray:
+    """Rows [start, stop) of a layer's initial table, float32 [stop - start, Dh].
+
+    Row r is drawn by the stream of block r // _INIT_BLOCK_ROWS (NumPy's default bit
+    generator keyed by (seed, layer, block), standard normals in row-major order), times
+    `std`; padding rows (r >= V) are 0. So any range is computed alone, on the host.
+    """
+    out = np.zeros((stop - start, layout.dim), np.float32)
+    last = min(stop, layout.rows)
+    for block in range(start // _INIT_BLOCK_ROWS, -(-last // _INIT_BLOCK_ROWS) if last > start else 0):
+        first = block * _INIT_BLOCK_ROWS
+        lo, hi = max(first, start), min(first + _INIT_BLOCK_ROWS, last)
+        stream = np.random.default_rng([*seed, layer_id, block])
+        drawn = stream.standard_normal((hi - first, layout.dim), np.float32)  # a stream's prefix: rows first..hi
+        out[lo - start:hi - start] = std * drawn[lo - first:]
+    return out
+
+
+def _place_by_shard(shape: tuple[int, ...], where: NamedSharding, make) -> jax.Array:
+    """A global array whose addressable shards are made by `make(index)` on the host and
+    copied to their device (or host memory) one at a time, so that host memory holds one
+    shard beyond the placed ones (`jax.make_array_from_callback` makes all first)."""
+    shards = []
+    for device, index in where.addressable_devices_indices_map(shape).items():
+        one = jax.sharding.SingleDeviceSharding(device, memory_kind=where.memory_kind)
+        shards.append(jax.block_until_ready(jax.device_put(make(index), one)))
+    return jax.make_array_from_single_device_arrays(shape, where, shards)
+
+
+def _zeros(shape, dtype, index) -> np.ndarray:
+    """The zero block of a `shape` array at `index` (a `make_array_from_callback` source)."""
+    return np.zeros([len(range(*sl.indices(n))) for sl, n in zip(index, shape)], dtype)
 
 
 def gather(rows: jax.Array, hash_ids: jax.Array, head_sizes: Sequence[int]) -> jax.Array:
@@ -200,21 +248,34 @@ class Tables:
         """The NamedShardings (with memory kinds) of the state."""
         return jax.tree.map(lambda x: x.sharding, self.abstract_state())
 
-    def init(self, rng: jax.Array) -> TableState:
-        """Fresh tables: N(0, table_init_std) rows, zero padding rows, zero slots.
+    def create(self, rng: jax.Array) -> TableState:
+        """Fresh tables, N(0, table_init_std) rows, zero padding rows and zero slots,
+        made shard by shard on the host and put where they live.
 
-        Call it under `jax.jit(..., out_shardings=tables.shardings())` (as `init_state`
-        does) so that each device draws only its own rows.
+        No device program makes them: each addressable shard is drawn with NumPy
+        (`init_rows`) and copied to its device or pinned host memory, so creating a
+        table larger than device memory (the reason for `placement="host"`) needs no
+        device temporaries at all, and host memory holds one shard at a time. The rows
+        are a function of the key and the row alone: the same on any mesh, device
+        count and placement. Not jittable (the key must be concrete).
+
+        Args:
+          rng: a JAX PRNG key (typed or raw uint32).
         """
+        seed = _seed_words(rng)
         rows, slots = {}, {}
         for i, layout in self.layouts.items():
-            key = jax.random.fold_in(rng, i)
             shape = (layout.padded_rows, layout.dim)
-            table = self.config.table_init_std * jax.random.normal(key, shape, jnp.float32)
-            valid = jnp.arange(layout.padded_rows)[:, None] < layout.rows  # padding rows stay 0
-            rows[layer_key(i)] = jnp.where(valid, table, 0).astype(self.row_dtype)
-            slots[layer_key(i)] = {name: jnp.zeros(s, d) for name, (s, d) in
-                                   self.optimizer.slot_shapes(layout.padded_rows, layout.dim, self.row_dtype).items()}
+
+            def draw(index, layer=i, layout=layout):
+                start, stop, _ = index[0].indices(layout.padded_rows)
+                return init_rows(seed, layer, start, stop, layout, self.config.table_init_std).astype(self.row_dtype)
+
+            rows[layer_key(i)] = _place_by_shard(shape, self._sharding(2), draw)
+            slots[layer_key(i)] = {
+                name: _place_by_shard(s, self._sharding(len(s)), functools.partial(_zeros, s, d))
+                for name, (s, d) in self.optimizer.slot_shapes(layout.padded_rows, layout.dim,
+                                                               self.row_dtype).items()}
         return TableState(rows=rows, slots=slots)
 
     # ------------------------------------------------------------------ routing
@@ -252,16 +313,23 @@ class Tables:
             return local_ids
         return min(local_ids, max(math.ceil(factor * local_ids / shards), _MIN_CAPACITY))
 
-    def _plan(self, ids: jax.Array, layout: TableLayout, capacity: int):
+    def _plan(self, ids: jax.Array, layout: TableLayout, capacity: int, salt: jax.Array):
         """Deduplicates a device's ids and places each unique id in its owner's bucket.
+
+        Places in a bucket go by a salted hash of the id, not by the id: when a bucket
+        overflows, the ids it drops are spread over the owner's rows, and a new `salt`
+        (the step) drops others next time, instead of starving the highest rows of every
+        shard on every overflow. Every device uses the same salt, and the lookup and the
+        push of a step use the same plan.
 
         Args:
           ids: [U] global rows, -1 for padding.
+          salt: int32 scalar, the permutation of this step.
 
         Returns:
           (inverse [U]: slot of each id in the unique list (U: none),
            owner [U], position [U]: bucket and place of each unique id (position >= C:
-           dropped), unique [U] sorted unique ids (-1 past the end), dropped scalar).
+           dropped), unique [U] sorted unique ids (-1 past the end)).
         """
         u = ids.shape[0]
         order = jnp.argsort(ids)  # padding (-1) first
@@ -273,18 +341,27 @@ class Tables:
         inverse = jnp.zeros((u,), jnp.int32).at[order].set(jnp.where(valid, slot, u).astype(jnp.int32))
         present = unique >= 0
         owner = jnp.where(present, unique // layout.rows_per_shard, layout.shards)
-        # Unique ids are sorted, so each owner's ids are contiguous: place = index - start.
+        # Within each owner (unique ids are sorted, so its ids are contiguous), rank by the
+        # salted hash: sort by (owner, priority), place = sorted index - owner's start.
+        by_priority = jnp.lexsort((_mix(unique, salt), owner))  # [U]
         start = jnp.searchsorted(owner, jnp.arange(layout.shards), side="left")
-        position = jnp.arange(u) - start[jnp.minimum(owner, layout.shards - 1)]
+        ranked = jnp.arange(u) - start[jnp.minimum(owner[by_priority], layout.shards - 1)]
+        position = jnp.zeros((u,), ranked.dtype).at[by_priority].set(ranked)
         position = jnp.where(present, position, capacity)
-        dropped = jnp.sum(present & (position >= capacity))
-        return inverse, owner, position, unique, dropped
+        return inverse, owner, position, unique
 
     def _shard_index(self) -> jax.Array:
         return jax.lax.axis_index(self.shard_axes) if self.shard_axes else jnp.int32(0)
 
     def _to_owners(self, x: jax.Array) -> jax.Array:
-        """[S, C, ...] buckets by destination -> [S, C, ...] buckets by source."""
+        """[S, C, ...] buckets by destination -> [S, C, ...] buckets by source.
+
+        16-bit floats travel as their bits (uint16): XLA:CPU widens a bfloat16 all-to-all
+        to float32, which would send twice the bytes; an integer exchange is sent as is
+        by every backend."""
+        if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+            bits = jax.lax.all_to_all(jax.lax.bitcast_convert_type(x, jnp.uint16), self.shard_axes, 0, 0, tiled=True)
+            return jax.lax.bitcast_convert_type(bits, x.dtype)
         return jax.lax.all_to_all(x, self.shard_axes, 0, 0, tiled=True)
 
     def _host(self, x):
@@ -299,34 +376,42 @@ class Tables:
     # ------------------------------------------------------------------ lookup
 
     def lookup(self, rows: Mapping[str, jax.Array], hash_ids: Mapping[int, jax.Array],
-               dtype=jnp.float32) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
+               dtype=jnp.float32, salt: jax.Array | int = 0) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
         """The memory vectors e_t of every Engram layer.
 
         Args:
           rows: `TableState.rows`.
           hash_ids: `{layer: [B, T, H]}` per-head ids from `NgramHasher`.
           dtype: dtype of the returned vectors.
+          salt: which ids a full bucket drops (`_plan`); the train step passes its step,
+            and `push` must get the same.
 
         Returns:
-          (`{layer: [B, T, H * Dh]}`, `{"engram_dropped/<layer>": ids dropped by full
-          buckets, "engram_unique/<layer>": unique ids fetched}` summed over devices).
+          (`{layer: [B, T, H * Dh]}`, counters summed over devices: per layer
+          `"engram_dropped/<layer>"` token positions whose memory vector lost at least
+          one head to a full bucket (that head's part is zero), `"engram_dropped_ids/<layer>"`
+          the distinct ids dropped per device, and `"engram_unique/<layer>"` unique ids
+          fetched).
         """
         memory, stats = {}, {}
+        salt = jnp.asarray(salt, jnp.int32)
         for i, ids in self.global_ids(hash_ids).items():
             layout, table = self.layouts[i], rows[layer_key(i)]
             flat, n = self._flat(ids, -1)  # [n']
-            got, dropped, unique = self._lookup_layer(table, flat, layout)
+            got, lost, dropped_ids, unique = self._lookup_layer(table, flat, layout, salt)
             b, t, h = ids.shape
             memory[i] = got[:n].reshape(b, t, h * layout.dim).astype(dtype)  # [B, T, H * Dh]
-            stats[f"engram_dropped/{i}"], stats[f"engram_unique/{i}"] = dropped, unique
+            positions = jnp.sum(jnp.any(lost[:n].reshape(b, t, h), axis=-1))  # [B, T] any head lost
+            stats[f"engram_dropped/{i}"] = positions.astype(jnp.int32)
+            stats[f"engram_dropped_ids/{i}"], stats[f"engram_unique/{i}"] = dropped_ids, unique
         return memory, stats
 
-    def _lookup_layer(self, table, flat_ids, layout: TableLayout):
+    def _lookup_layer(self, table, flat_ids, layout: TableLayout, salt):
         everywhere = PartitionSpec(self.axes)
         capacity = self.capacity(flat_ids.shape[0] // self.devices)
 
-        def local(table, ids):  # table [R, Dh] (this shard), ids [U] (this device)
-            inverse, owner, position, unique, dropped = self._plan(ids, layout, capacity)
+        def local(table, ids, salt):  # table [R, Dh] (this shard), ids [U] (this device)
+            inverse, owner, position, unique = self._plan(ids, layout, capacity, salt)
             send = jnp.full((layout.shards, capacity), -1, jnp.int32).at[owner, position].set(unique, mode="drop")
             asked = self._to_owners(send)  # [S, C] ids that each device asks of this shard
             local_row = asked - self._shard_index() * layout.rows_per_shard
@@ -334,25 +419,31 @@ class Tables:
             index = self._host(jnp.where(wanted, local_row, 0))
             with self._where_table_lives():
                 found = table[index]  # [S, C, Dh]
-            found = jnp.where(wanted[..., None], self._device(found).astype(jnp.float32), 0)
+            # Rows travel in the table's dtype (bfloat16 rows: half the bytes of float32).
+            found = jnp.where(wanted[..., None], self._device(found), jnp.zeros((), found.dtype))
             back = self._to_owners(found)  # [S, C, Dh] rows of this device's buckets
             rows_unique = back.at[owner, position].get(mode="fill", fill_value=0)  # [U, Dh]
             out = rows_unique.at[inverse].get(mode="fill", fill_value=0)  # [U, Dh]
+            dropped = (unique >= 0) & (position >= capacity)  # [U] per unique id
+            lost = dropped.at[inverse].get(mode="fill", fill_value=False)  # [U] per id slot
             count = jnp.sum(unique >= 0)
-            return out, jax.lax.psum(dropped, self.axes), jax.lax.psum(count, self.axes)
+            return (out, lost, jax.lax.psum(jnp.sum(dropped), self.axes), jax.lax.psum(count, self.axes))
 
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(self.shard_axes, None), everywhere),
-                             out_specs=(PartitionSpec(self.axes, None), PartitionSpec(), PartitionSpec()))(
-            table, flat_ids)
+        return jax.shard_map(local, mesh=self.mesh,
+                             in_specs=(PartitionSpec(self.shard_axes, None), everywhere, PartitionSpec()),
+                             out_specs=(PartitionSpec(self.axes, None), everywhere, PartitionSpec(),
+                                        PartitionSpec()))(table, flat_ids, salt)
 
     # ------------------------------------------------------------------ gradients
 
-    def push(self, hash_ids: Mapping[int, jax.Array], grads: Mapping[int, jax.Array]) -> dict[int, PushedGrads]:
+    def push(self, hash_ids: Mapping[int, jax.Array], grads: Mapping[int, jax.Array],
+             salt: jax.Array | int = 0) -> dict[int, PushedGrads]:
         """Sends the gradients of the memory vectors to the rows' owners.
 
         Args:
           hash_ids: the `{layer: [B, T, H]}` ids of the lookup.
           grads: `{layer: [B, T, H * Dh]}` gradients of the memory vectors.
+          salt: the lookup's (the same ids are dropped, and get no update).
 
         Returns:
           `{layer: PushedGrads}`, each unique row once per shard, its gradient summed
@@ -364,16 +455,16 @@ class Tables:
             b, t, h = ids.shape
             flat_ids, _ = self._flat(ids, -1)
             flat_grads, _ = self._flat(grads[i].astype(jnp.float32).reshape(b, t, h, layout.dim), 0)
-            out[i] = self._push_layer(flat_ids, flat_grads, layout)
+            out[i] = self._push_layer(flat_ids, flat_grads, layout, jnp.asarray(salt, jnp.int32))
         return out
 
-    def _push_layer(self, flat_ids, flat_grads, layout: TableLayout) -> PushedGrads:
+    def _push_layer(self, flat_ids, flat_grads, layout: TableLayout, salt) -> PushedGrads:
         everywhere = PartitionSpec(self.axes)
         capacity = self.capacity(flat_ids.shape[0] // self.devices)
 
-        def local(ids, grads):  # ids [U], grads [U, Dh]
+        def local(ids, grads, salt):  # ids [U], grads [U, Dh]
             u = ids.shape[0]
-            inverse, owner, position, unique, _ = self._plan(ids, layout, capacity)
+            inverse, owner, position, unique = self._plan(ids, layout, capacity, salt)
             g_unique = segment_sum(inverse, grads, u)  # [U, Dh], once per id, in batch order
             send_ids = jnp.full((layout.shards, capacity), -1, jnp.int32).at[owner, position].set(
                 unique, mode="drop")
@@ -391,9 +482,10 @@ class Tables:
         # Replicas of a shard hold the same slots: split over the shard axes only. The
         # all_gather over the replica axes makes them equal, which shard_map's replication
         # check cannot infer from an all_gather (it can from a psum, at R times the traffic).
-        rows, summed = jax.shard_map(local, mesh=self.mesh, in_specs=(everywhere, PartitionSpec(self.axes, None)),
+        rows, summed = jax.shard_map(local, mesh=self.mesh,
+                                     in_specs=(everywhere, PartitionSpec(self.axes, None), PartitionSpec()),
                                      out_specs=(PartitionSpec(self.shard_axes), PartitionSpec(self.shard_axes, None)),
-                                     check_vma=not self.replica_axes)(flat_ids, flat_grads)
+                                     check_vma=not self.replica_axes)(flat_ids, flat_grads, salt)
         return PushedGrads(rows=rows, grads=summed)
 
     def squared_norm(self, pushed: Mapping[int, PushedGrads]) -> jax.Array:
@@ -447,6 +539,16 @@ class Tables:
                       PartitionSpec(), PartitionSpec()),
             out_specs=(row_spec, slot_specs))(table, slots, pushed.rows, pushed.grads, jnp.asarray(lr, jnp.float32),
                                               jnp.asarray(step), jnp.asarray(scale, jnp.float32))
+
+
+def _mix(ids: jax.Array, salt: jax.Array) -> jax.Array:
+    """A salted bijective hash of int32 ids (the 32-bit finalizer of MurmurHash3), as a
+    sort key that orders ids pseudo-randomly, differently for each salt."""
+    x = jax.lax.bitcast_convert_type(ids, jnp.uint32) ^ (jax.lax.bitcast_convert_type(salt, jnp.uint32)
+                                                         * jnp.uint32(0x9E3779B9))
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 def segment_sum(segments: jax.Array, values: jax.Array, num_segments: int) -> jax.Array:

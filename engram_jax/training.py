@@ -57,16 +57,52 @@ class TrainState:
     tables: TableState
 
 
-def init_state(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
-               rng: jax.Array, mesh: Mesh | None = None) -> TrainState:
-    """A fresh state. Jit it with `out_shardings` to create it directly where it lives;
-    `mesh`: the train step's (expert kernels are stored padded for its `expert` axis)."""
-    model_rng, table_rng = jax.random.split(rng)
-    variables = nn.unbox(model_lib.init_variables(config, model_rng, mesh))
+def init_dense(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
+               mesh: Mesh | None = None) -> TrainState:
+    """A fresh state but for the Engram tables (left empty): pure and jittable.
+
+    `mesh`: the train step's (expert kernels are stored padded for its `expert` axis).
+    """
+    variables = nn.unbox(model_lib.init_variables(config, rng, mesh))
     params = variables["params"]
-    table_state = tables.init(table_rng) if tables is not None else TableState(rows={}, slots={})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, moe_bias=variables.get("moe_bias", {}),
-                      opt_state=tx.init(params), tables=table_state)
+                      opt_state=tx.init(params), tables=TableState(rows={}, slots={}))
+
+
+class StateInit:
+    """Makes fresh train states where they live.
+
+    The dense part (parameters, optimizer state, biases) is one jitted program with
+    `out_shardings`, so each device computes only its own shards; the Engram tables are
+    made shard by shard on the host (`Tables.create`), so that no device program holds
+    a table-sized temporary, whatever the placement. `init()` returns the state.
+
+    Args:
+      config, tx, tables: the model, the backbone optimizer, the table engine (or None).
+      rng: the run's key; split into the model's and the tables'.
+      mesh: the train step's mesh (expert parallelism).
+      sharding: the state's shardings (a `TrainState` of NamedSharding); None: default.
+    """
+
+    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,
+                 rng: jax.Array, mesh: Mesh | None = None, sharding: TrainState | None = None):
+        self.tables = tables
+        self.model_rng, self.table_rng = jax.random.split(rng)
+        self._init_dense = functools.partial(init_dense, config, tx, mesh=mesh)
+        empty = TableState(rows={}, slots={})
+        self.dense = jax.jit(self._init_dense,
+                             out_shardings=sharding.replace(tables=empty) if sharding is not None else None)
+
+    def __call__(self) -> TrainState:
+        state = self.dense(self.model_rng)
+        if self.tables is None:
+            return state
+        return state.replace(tables=self.tables.create(self.table_rng))
+
+    def abstract(self) -> TrainState:
+        """Shapes and dtypes of the state (the tables' with their shardings); nothing allocated."""
+        state = jax.eval_shape(self._init_dense, self.model_rng)
+        return state.replace(tables=self.tables.abstract_state()) if self.tables is not None else state
 
 
 def _module_values(tree: dict, name: str) -> dict[tuple[str, ...], jax.Array]:
@@ -148,12 +184,12 @@ def hash_ids_of(batch: dict, hasher: DeviceHasher | None) -> dict:
     return hasher(batch["inputs"])
 
 
-def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32, hasher: DeviceHasher | None = None
-           ) -> tuple[dict, dict]:
+def lookup(tables: Tables | None, rows, batch, dtype=jnp.float32, hasher: DeviceHasher | None = None,
+           salt: jax.Array | int = 0) -> tuple[dict, dict]:
     """The batch's memory vectors and the lookup's counters (nothing without Engram)."""
     if tables is None:
         return {}, {}
-    return tables.lookup(rows, hash_ids_of(batch, hasher), dtype)
+    return tables.lookup(rows, hash_ids_of(batch, hasher), dtype, salt=salt)
 
 
 def _per_layer(intermediates: dict, name: str) -> dict[int, jax.Array]:
@@ -196,14 +232,14 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax
       mesh: the step's mesh, for expert parallelism (see `forward`).
     """
     batch = {**batch, "hash_ids": hash_ids_of(batch, hasher)}
-    memory, lookup_stats = lookup(tables, state.tables.rows, batch)
+    memory, lookup_stats = lookup(tables, state.tables.rows, batch, salt=state.step)
     (loss, inter), (grads, g_memory) = jax.value_and_grad(
         lambda p, e: forward(config, p, state.moe_bias, batch, e, mesh), argnums=(0, 1), has_aux=True)(
         state.params, memory)
     squared = optax.tree.norm(grads, squared=True)
     table_state = state.tables
     if tables is not None:
-        pushed = tables.push(batch["hash_ids"], g_memory)
+        pushed = tables.push(batch["hash_ids"], g_memory, salt=state.step)
         squared = squared + tables.squared_norm(pushed)
     grad_norm = jnp.sqrt(squared)
     scale = clip_scale(grad_norm, clip_norm)
@@ -229,9 +265,20 @@ def train_step(state: TrainState, batch: dict, *, config: ModelConfig, tx: optax
                          tables=table_state), metrics
 
 
+# Metrics that count what full buckets dropped: Engram lookups (token positions, distinct
+# ids) and MoE dispatch (token copies). Per step values; callers add them up over steps.
+DROP_COUNTERS = ("engram_dropped", "engram_dropped_ids", "moe_dropped")
+
+
+def is_drop_counter(name: str) -> bool:
+    """Whether the metric `name` (`<kind>/<layer>`) counts drops (a sum, not a level)."""
+    return name.split("/")[0] in DROP_COUNTERS
+
+
 def _lookup_summaries(stats: dict, batch: dict) -> dict:
-    """Per Engram layer: ids dropped by full lookup buckets (0 unless the capacity factor
-    is too small), and the share of ids fetched after de-duplication on each device."""
+    """Per Engram layer: token positions and distinct ids dropped by full lookup buckets
+    (0 unless the capacity factor is too small), and the share of ids fetched after
+    de-duplication on each device."""
     out = {}
     for key, value in stats.items():
         kind, layer = key.split("/")
@@ -244,15 +291,17 @@ def _lookup_summaries(stats: dict, batch: dict) -> dict:
 
 def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None,
               hasher: DeviceHasher | None = None, mesh: Mesh | None = None) -> dict:
-    """Summed loss and token count of one batch (sum, so that batches average exactly).
+    """Summed loss and token count of one batch (sum, so that batches average exactly),
+    and what full buckets dropped (`DROP_COUNTERS`), so that validation reports it.
 
     Args:
       rows: `TableState.rows` (the optimizer slots are not needed).
     """
-    memory, _ = lookup(tables, rows, batch, hasher=hasher)
+    memory, stats = lookup(tables, rows, batch, hasher=hasher)
     loss, inter = forward(config, params, moe_bias, batch, memory, mesh)
     tokens = batch["targets"].size
-    return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter)}
+    drops = {k: v for k, v in stats.items() if is_drop_counter(k)}  # the MoE's are in the summaries
+    return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter), **drops}
 
 
 def jit_steps(config: ModelConfig, tx: optax.GradientTransformation, tables: Tables | None,

@@ -37,7 +37,7 @@ def saved(tmp_path_factory):
 
 def abstract(setup):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        jax.eval_shape(setup.init), setup.sharding)
+                        setup.init.abstract(), setup.sharding)
 
 
 def real_experts(tree):

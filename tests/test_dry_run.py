@@ -67,6 +67,11 @@ def test_host_tables_are_host_memory_and_nothing_is_allocated(report, host_repor
     c = host["compiled"]
     assert host["device_total"] == c["argument"] - host["host_in_arguments"] + c["output"] - c["alias"] + c["temp"]
     assert "pinned host memory" in dry_run.format_report(host)
+    # The init is compiled too: its device program makes the dense state only.
+    assert host["init"]["temp"] == report["init"]["temp"] > 0
+    assert host["init"]["table_shard_on_host"] == max(
+        dry_run._shard_bytes(x) for x in jax.tree.leaves(build_steps(config()).abstract_with_sharding().tables))
+    assert "tables drawn on the host shard by shard" in dry_run.format_report(host)
 
 
 def test_the_verdict_follows_the_device_memory(report):

@@ -150,12 +150,13 @@ def test_the_lock_goes_with_its_process_however_it_ends(tmp_path):
 def test_a_corrupt_table_shard_is_one_line_and_the_noise_goes_to_the_log(straight, tmp_path):
     config, root = straight
     workdir = pathlib.Path(shutil.copytree(root / "straight", tmp_path / "run"))
-    # One file of step 8's `model` item, the largest: it holds table rows (8 shards of 2 tables).
+    # The largest data file of step 8's `model` item (table rows and parameters), cut to half
+    # its length. Not bytes flipped: TensorStore keeps no checksums, so a flip inside data
+    # that zstd stored uncompressed (float rows often are) reads back as other numbers, and
+    # whether a flip is caught depends on where the file's block headers fall.
     shard = max((workdir / "checkpoints" / "8" / "model" / "ocdbt.process_0" / "d").iterdir(),
                 key=lambda f: f.stat().st_size)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 4: 3 * len(data) // 4] = bytes(b ^ 0xFF for b in data[len(data) // 4: 3 * len(data) // 4])
-    shard.write_bytes(bytes(data))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     result = run(config, workdir, "--stop-after", "4")  # restoring is the point; steps 5-8 resume as tested elsewhere
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if not INFO.match(line)]

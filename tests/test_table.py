@@ -35,7 +35,7 @@ def random_ids(config=CONFIG, batch=8, seq=16, seed=0, vocab=40):
 
 
 def init(tables, seed=0):
-    return jax.jit(tables.init, out_shardings=tables.shardings())(jax.random.key(seed))
+    return tables.create(jax.random.key(seed))
 
 
 def dense_rows(state, tables):
@@ -57,6 +57,23 @@ def test_lookup_returns_the_rows_of_a_plain_gather(shape, shard_axes):
         chex.assert_shape(memory[i], (8, 16, CONFIG.memory_dim))
         chex.assert_trees_all_equal(memory[i], expected)
         assert int(stats[f"engram_dropped/{i}"]) == 0
+
+
+def test_created_rows_depend_on_the_key_alone_not_on_mesh_or_placement():
+    made = {}
+    for shape, placement in (((1, 1), "device"), ((8, 1), "host"), ((3, 1), "device")):
+        tables = engine(shape, "lazy_adam", placement=placement, table_dtype="bfloat16")
+        state = init(tables, seed=7)
+        kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
+        assert kinds == {"pinned_host" if placement == "host" else "device"}
+        made[shape] = {i: np.asarray(r)[: tables.layouts[int(k.split("_")[1])].rows] for i, (k, r) in
+                       enumerate(sorted(state.rows.items()))}
+        assert not any(np.asarray(v).any() for v in jax.tree.leaves(state.slots))
+    chex.assert_trees_all_equal(made[(1, 1)], made[(8, 1)], made[(3, 1)])
+    layout = engine((1, 1)).layouts[3]
+    rows = table.init_rows(table._seed_words(jax.random.key(7)), 3, 100, 180, layout, CONFIG.table_init_std)
+    np.testing.assert_array_equal(made[(1, 1)][1][100:180], rows.astype(jnp.bfloat16))
+    assert not np.array_equal(init(engine((1, 1)), seed=8).rows[layer_key(3)], made[(1, 1)][1])
 
 
 def test_any_row_count_fits_any_device_count_and_padding_rows_are_zero():
@@ -96,23 +113,82 @@ def test_unique_ids_are_fetched_once_per_device():
         assert int(stats[f"engram_unique/{i}"]) == expected < flat.size
 
 
-def test_full_buckets_drop_ids_visibly_and_zero_capacity_never_drops():
-    big = CONFIG.replace(table_sizes=(4001, 4003))  # ids are mostly distinct: about 64 per bucket
-    ids = random_ids(big, batch=8, seq=128, vocab=4000)
-    small = engine((8, 1), config=big, lookup_capacity_factor=0.01)  # buckets of the minimum size, 64
-    state = init(small)
-    memory, stats = jax.jit(small.lookup)(state.rows, ids)
-    dropped = int(stats["engram_dropped/1"])
-    assert dropped > 0
-    expected = table.gather(state.rows[layer_key(1)], ids[1], big.head_sizes(1))
-    wrong = np.any(np.asarray(memory[1]).reshape(-1, CONFIG.head_dim)
-                   != np.asarray(expected).reshape(-1, CONFIG.head_dim), axis=1)
-    assert np.all(np.asarray(memory[1]).reshape(-1, CONFIG.head_dim)[wrong] == 0)  # dropped reads are zero
-    exact = engine((8, 1), config=big, lookup_capacity_factor=0.0)
-    memory, stats = jax.jit(exact.lookup)(init(exact).rows, ids)
-    assert int(stats["engram_dropped/1"]) == 0
-    chex.assert_trees_all_equal(memory[1], expected)
+BIG = CONFIG.replace(table_sizes=(4001, 4003))  # ids are mostly distinct: about 64 per bucket
 
+
+@functools.lru_cache(maxsize=None)
+def overflowing():
+    """Buckets of the minimum size (64) on 8 shards, for ids that overflow them."""
+    tables = engine((8, 1), config=BIG, lookup_capacity_factor=0.01)
+    return tables, init(tables), random_ids(BIG, batch=8, seq=128, vocab=4000)
+
+
+def lost_heads(tables, state, ids, memory, layer=1):
+    """[B, T, H] which heads' parts of the memory vectors are not the plain gather's."""
+    expected = table.gather(state.rows[layer_key(layer)], ids[layer], BIG.head_sizes(layer))
+    dim = BIG.head_dim
+    got, want = np.asarray(memory[layer]).reshape(-1, dim), np.asarray(expected).reshape(-1, dim)
+    wrong = np.any(got != want, axis=1)
+    assert np.all(got[wrong] == 0)  # a dropped head reads zeros
+    return wrong.reshape(ids[layer].shape)
+
+
+def test_full_buckets_drop_visibly_counting_positions_and_ids():
+    tables, state, ids = overflowing()
+    memory, stats = jax.jit(tables.lookup)(state.rows, ids)
+    lost = lost_heads(tables, state, ids, memory)
+    assert lost.any()
+    # Token positions whose memory vector lost any head; distinct ids at least one per lost
+    # (id, device) pair's worth, never more than the lost heads.
+    assert int(stats["engram_dropped/1"]) == int(lost.any(axis=-1).sum())
+    assert 0 < int(stats["engram_dropped_ids/1"]) <= int(lost.sum())
+    exact = engine((8, 1), config=BIG, lookup_capacity_factor=0.0)
+    memory, stats = jax.jit(exact.lookup)(init(exact).rows, ids)
+    assert int(stats["engram_dropped/1"]) == int(stats["engram_dropped_ids/1"]) == 0
+    chex.assert_trees_all_equal(memory[1], table.gather(init(exact).rows[layer_key(1)], ids[1], BIG.head_sizes(1)))
+
+
+def test_dropped_ids_spread_over_each_shard_and_change_with_the_salt():
+    tables, state, ids = overflowing()
+    layout = tables.layouts[1]
+    global_rows = np.asarray(ids[1]) + table.head_offsets(BIG.head_sizes(1))
+    dropped = {}
+    for salt in (0, 1):
+        memory, _ = jax.jit(tables.lookup)(state.rows, ids, salt=salt)
+        dropped[salt] = set(global_rows[lost_heads(tables, state, ids, memory)].tolist())
+    where = np.array([(r % layout.rows_per_shard) / layout.rows_per_shard for r in dropped[0]])
+    # Bucket places by id dropped the top of every shard (median 0.95); by salted hash,
+    # the dropped rows are spread like the ids asked for.
+    assert len(where) > 50 and 0.35 < np.median(where) < 0.65 and (where < 0.25).mean() > 0.1
+    assert dropped[0] != dropped[1]
+
+
+def test_pushed_gradients_skip_the_rows_their_lookup_dropped():
+    tables, state, ids = overflowing()
+    g = {i: jnp.ones((*ids[i].shape[:2], BIG.memory_dim)) for i in ids}
+
+    def step(state):
+        memory, _ = tables.lookup(state.rows, ids, salt=3)
+        return tables.apply(state, tables.push(ids, g, salt=3), 0.1, 0), memory
+
+    new, memory = jax.jit(step)(state)
+    lost = lost_heads(tables, state, ids, memory)
+    rows = np.asarray(ids[1]) + table.head_offsets(BIG.head_sizes(1))
+    moved = np.any(np.asarray(new.rows[layer_key(1)]) != np.asarray(state.rows[layer_key(1)]), axis=1)
+    assert moved[rows[~lost]].all()  # every row read was updated
+    only_dropped = set(rows[lost].tolist()) - set(rows[~lost].tolist())  # rows no device received
+    assert only_dropped and not moved[sorted(only_dropped)].any()
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_rows_travel_in_the_tables_dtype(dtype, itemsize):
+    tables = engine((8, 1), config=BIG, table_dtype=dtype)
+    ids = {i: jax.ShapeDtypeStruct((8, 128, 4), jnp.int32) for i in BIG.layer_ids}
+    compiled = jax.jit(lambda rows, ids: tables.lookup(rows, ids)[0]).lower(
+        tables.abstract_state().rows, ids).compile()
+    capacity = tables.capacity(8 * 128 * 4 // 8)
+    per_layer = 8 * capacity * 4 + 8 * capacity * BIG.head_dim * itemsize  # ids (int32) out, rows back
+    assert hlo.collective_bytes(compiled.as_text())["all-to-all"] == len(BIG.layer_ids) * per_layer
 
 # ---------------------------------------------------------------- gradients and optimizers
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from engram_jax import table
 from engram_jax.attention import AttentionConfig
 from engram_jax.checkpoint import CheckpointError
 from engram_jax.data import DataConfig
@@ -151,6 +152,40 @@ def test_resuming_with_other_reporting_settings_is_allowed(straight, tmp_path):
     free = config.override(["name=renamed", "eval_every=2", "log_every=3", "save_every=2", "keep_checkpoints=5",
                             "eval_batches=1"])
     assert train(free, workdir)["step"] == 8
+
+
+def test_resuming_with_other_runtime_settings_trains_on_with_identical_numbers(straight, tmp_path):
+    """A device-placed run resumed with its tables in host memory (and other bucket
+    capacities, hashing in the step) computes what the straight run computed."""
+    config, root, straight_result = straight
+    workdir = copy_run(root, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    logged = len(metrics(workdir))
+    runtime = config.override(["model.engram.placement=host", "model.engram.lookup_capacity_factor=0",
+                               "model.engram.hash_on_device=true", "model.moe.capacity_factor=3"])
+    result = train(runtime, workdir)
+    resumed = {m["step"]: m["loss"] for m in metrics(workdir)[logged:] if "loss" in m}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert resumed == {k: v for k, v in train_losses(root / "straight").items() if k > 4}
+    assert result["val_loss"] == straight_result["val_loss"]
+
+
+def test_drops_of_every_step_are_logged_and_validated(corpus, tmp_path, monkeypatch):
+    """Buckets of 4 ids force drops; the logged counts add up every step's, whatever log_every."""
+    monkeypatch.setattr(table, "_MIN_CAPACITY", 1)
+    logs, results = {}, {}
+    for every in (1, 3):
+        config = micro_config(corpus, tmp_path / "cache", **{"model.engram.lookup_capacity_factor": 0.25,
+                                                            "log_every": every})
+        results[every] = train(config, tmp_path / f"every{every}", stop_after=4)
+        logs[every] = {m["step"]: m for m in metrics(tmp_path / f"every{every}") if "loss" in m}
+    per_step = [logs[1][s]["engram_dropped/1"] for s in (1, 2, 3, 4)]
+    assert min(per_step) > 0
+    assert sorted(logs[3]) == [3, 4]
+    assert logs[3][3]["engram_dropped/1"] == sum(per_step[:3]) and logs[3][4]["engram_dropped/1"] == per_step[3]
+    assert results[3]["dropped"]["engram_dropped/1"] == sum(per_step) == results[1]["dropped"]["engram_dropped/1"]
+    assert results[3]["val_engram_dropped/1"] > 0  # validation reports its own drops
+    assert logs[3][4]["engram_dropped_ids/1"] > 0
 
 
 def spoil(step_folder: pathlib.Path) -> None:

@@ -57,14 +57,14 @@ class Setup:
         shapes = nn.unbox(model.variable_shapes(config, model_mesh))
         axes = sharding.logical_axes(model.variable_shapes(config, model_mesh))["params"]
         self.tx = optim.build_optimizer(optim_config, axes, total_steps=100)
-        init = functools.partial(training.init_state, config, self.tx, self.tables, jax.random.key(seed), model_mesh)
-        abstract = jax.eval_shape(init)
+        rng = jax.random.key(seed)
+        abstract = training.StateInit(config, self.tx, self.tables, rng, model_mesh).abstract()
         params = sharding.tree_shardings(self.mesh, axes, shapes["params"])
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharding = training.TrainState(
             step=replicated, params=params, moe_bias=jax.tree.map(lambda _: replicated, abstract.moe_bias),
             opt_state=sharding.like_params(abstract.opt_state, params, replicated), tables=self.tables.shardings())
-        self.init = jax.jit(init, out_shardings=self.sharding)
+        self.init = training.StateInit(config, self.tx, self.tables, rng, model_mesh, self.sharding)
         self.train, self.evaluate = training.jit_steps(
             config, self.tx, self.tables, optim.schedule(optim_config, 100), 0.01,
             table_lr_multiplier=optim_config.table_lr_multiplier, clip_norm=optim_config.clip_norm,
@@ -74,7 +74,7 @@ class Setup:
     def compile(self, batch: int, seq: int):
         """The train step compiled for a [batch, seq] batch, from abstract arrays only."""
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(self.init), self.sharding)
+                             self.init.abstract(), self.sharding)
         rows = sharding.batch_sharding(self.mesh)
         data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows),
                             jax.eval_shape(lambda: batch_of(self.config, batch=batch, seq=seq)))
@@ -114,8 +114,21 @@ def test_lookup_metrics_report_drops_and_the_fetched_share():
     batch = batch_of(CONFIG)
     _, metrics = setup.train(setup.init(), batch)
     ids = np.asarray(setup.tables.global_ids(batch["hash_ids"])[1])
-    assert int(metrics["engram_dropped/1"]) == 0
+    assert int(metrics["engram_dropped/1"]) == int(metrics["engram_dropped_ids/1"]) == 0
     assert float(metrics["engram_fetched/1"]) == pytest.approx(len(np.unique(ids)) / ids.size)
+
+
+def test_compiled_init_of_host_tables_has_no_table_sized_device_temporaries():
+    """Tables in host memory are made there: the init's device program does not grow with them."""
+    temps = []
+    for scale in (1, 4):
+        config = CONFIG.replace(engram=CONFIG.engram.replace(placement="host", table_sizes=(1009 * scale, 1013 * scale)))
+        setup = Setup(config, mesh_shape=(8, 1, 1))
+        compiled = setup.init.dense.lower(setup.init.model_rng).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+        state = setup.init()
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(state.tables)} == {"pinned_host"}
+    assert temps[1] <= temps[0]
 
 
 def test_bfloat16_step_tracks_float32():

@@ -196,6 +196,11 @@ def measure(config: RunConfig, devices: list) -> dict:
     compiled_at = time.perf_counter()
     stats = compiled.memory_analysis()
     text = compiled.as_text()
+    # The init: one program for the dense state; the tables are made on the host, shard
+    # by shard (`Tables.create`), so at most one shard of host memory is in flight.
+    init_stats = steps.init.dense.lower(steps.init.model_rng).compile().memory_analysis()
+    init = {name: int(getattr(init_stats, f"{name}_size_in_bytes")) for name in ("temp", "output")}
+    init["table_shard_on_host"] = max((_shard_bytes(leaf) for leaf in jax.tree.leaves(state.tables)), default=0)
     memory = {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in
               ("argument", "output", "alias", "temp", "generated_code", "host_argument", "host_output",
                "host_alias", "host_temp")}
@@ -218,6 +223,7 @@ def measure(config: RunConfig, devices: list) -> dict:
         "state_bytes": device_bytes,
         "state_host_bytes": host_bytes,
         "compiled": memory,
+        "init": init,
         "device_total": memory["argument"] - host_in_arguments + memory["output"] - memory["alias"] + memory["temp"],
         "host_total": host_total,
         "host_in_arguments": host_in_arguments,
@@ -295,7 +301,9 @@ def dry_run(config: RunConfig, devices: int | None = None, *, spawn: bool = True
       A JSON-ready dict: `devices`, `mesh` {axis: size}, `batch` [B, T], `placement`,
       `lower_s` and `compile_s`; per-device bytes `state_bytes` and `state_host_bytes`
       ({part: bytes}, parts as in `PARTS`); `compiled` (the compiled program's
-      argument, output, alias, temp and host sizes); `device_total` (arguments +
+      argument, output, alias, temp and host sizes); `init` (the compiled init of the
+      dense state: `temp` and `output` bytes per device; `table_shard_on_host`: the
+      largest table shard, drawn on the host); `device_total` (arguments +
       outputs - aliased + temporaries); `host_total`; `device_memory` (the limit, 0 if
       none); `largest_buffers`; `collective_bytes` and `collective_traffic` per step.
 
@@ -349,6 +357,11 @@ def format_report(report: dict) -> str:
               f"  {'total':<38}{_size(report['device_total']):>14}{host_total:>14}",
               (f"  (compiled program: arguments {_size(c['argument'])}{of_host}, outputs {_size(c['output'])}, "
                f"aliased {_size(c['alias'])}, temporaries {_size(c['temp'])})")]
+    init = report["init"]
+    lines.append(f"init: the dense state by one program ({_size(init['output'])} out, {_size(init['temp'])} "
+                 "temporaries per device)" + (f"; tables drawn on the host shard by shard (largest shard "
+                                              f"{_size(init['table_shard_on_host'])}), no device temporaries"
+                                              if report["placement"] else ""))
     if report["placement"]:
         rows = sum(report["table_rows"].values())
         tables = f"Engram tables ({len(report['table_rows'])} layers, {rows:,} rows with padding):"

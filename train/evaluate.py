@@ -42,7 +42,10 @@ class Validation:
         self.num_batches = run_config.eval_batches
 
     def metrics(self, evaluate, mesh) -> dict:
-        """Loss (nats/token), perplexity and bits per byte over `eval_batches` batches.
+        """Loss (nats/token), perplexity and bits per byte over `eval_batches` batches,
+        and the drops of full buckets summed over them (`val_engram_dropped/<layer>`
+        token positions, `val_moe_dropped/<block>` token copies; with an expert or table
+        axis above 1 a loss that includes drops depends on the mesh, so it is reported).
 
         Args:
           evaluate: `evaluate(batch) -> {"loss_sum", "tokens", ...}` on global batches.
@@ -50,16 +53,18 @@ class Validation:
         """
         iterator = self.pipeline.iterator(self.num_batches)
         try:  # dispatch every batch, then read the sums back once
-            sums = [(out["loss_sum"], out["tokens"]) for out in
-                    (evaluate(sharding.global_batch(mesh, batch)) for batch in iterator)]
+            sums = [{k: v for k, v in out.items() if k in ("loss_sum", "tokens") or training.is_drop_counter(k)}
+                    for out in (evaluate(sharding.global_batch(mesh, batch)) for batch in iterator)]
         finally:
             iterator.close()
-        loss_sum = tokens = 0.0
-        for batch_loss, batch_tokens in jax.device_get(sums):
-            loss_sum, tokens = loss_sum + float(batch_loss), tokens + float(batch_tokens)
-        loss = loss_sum / tokens
+        totals: dict[str, float] = {}
+        for batch_sums in jax.device_get(sums):
+            for k, v in batch_sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        loss = totals.pop("loss_sum") / totals.pop("tokens")
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-                "val_bits_per_byte": loss / math.log(2) / self.bytes_per_token}
+                "val_bits_per_byte": loss / math.log(2) / self.bytes_per_token,
+                **{f"val_{k}": int(v) for k, v in totals.items()}}
 
 
 class Trained:

@@ -135,8 +135,16 @@ def train_main(argv: list[str] | None = None) -> int:
         if "val_loss" in result:
             print(f"validation loss {result['val_loss']:.4f} nats/token "
                   f"({result['val_bits_per_byte']:.4f} bits/byte) at step {result['step']}")
+        if result["dropped"]:
+            print(f"dropped by full buckets over this run's steps: {_drops(result['dropped'])}")
         print(f"checkpoint: {result['checkpoint']}")
     return 0
+
+
+def _drops(counts: dict[str, int]) -> str:
+    """`engram_dropped/1 0 token positions, moe_dropped/block_2 3 token copies, ...`"""
+    units = {"engram_dropped": "token positions", "engram_dropped_ids": "ids", "moe_dropped": "token copies"}
+    return ", ".join(f"{k} {v:,} {units[k.split('/')[0]]}" for k, v in sorted(counts.items()))
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -162,6 +170,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
                   f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte")
+            dropped = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_") and "dropped" in k}
+            if dropped:
+                print(f"dropped by full buckets in validation: {_drops(dropped)}")
         for prompt in args.prompt:
             print(f"--- {prompt!r}\n{trained.generate(prompt, args.max_new_tokens, args.temperature, args.seed)}")
         if args.gates:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -120,11 +121,19 @@ def _paper_run(name: str) -> RunConfig:
 
 
 # Run fields that shape the learning-rate curve, and why, checked in one line each on
-# resume (model and data, another run's folder, are checked by `Checkpoints.check_config`).
+# resume (model and data, another run's folder, are checked by `Checkpoints.check_config`,
+# less RUNTIME_FIELDS).
 # The rest (name, mesh, seed, eval_every, eval_batches, save_every, keep_checkpoints,
 # log_every) may change: they do not alter the resumed state's path.
 SCHEDULE_FIELDS = {"steps": "the learning-rate schedule depends on it",
                    "optim": "the optimizer state and learning-rate schedule depend on it"}
+
+
+# Model fields that change how a step runs, not what it computes or stores: where the
+# tables live, bucket capacities, where hashing runs. A run may resume with other values
+# (as with another mesh); the checkpoint restores onto any placement.
+RUNTIME_FIELDS = ("model.engram.placement", "model.engram.lookup_capacity_factor", "model.engram.hash_on_device",
+                  "model.moe.capacity_factor")
 
 
 def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
@@ -132,7 +141,7 @@ def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
     current = config.to_dict()
     step = _newest_readable_config(checkpoints)
     for part in ("model", "data"):
-        checkpoints.check_config(current, step, key=part)
+        checkpoints.check_config(current, step, key=part, ignore=RUNTIME_FIELDS)
     saved = checkpoints.read_config(step)
     for key, why in SCHEDULE_FIELDS.items():
         diff = config_differences(saved.get(key), current[key], f"{key}.")
@@ -193,6 +202,32 @@ def run_preset(name: str) -> RunConfig:
     return _paper_run(name)
 
 
+class DropCounts:
+    """What full buckets dropped (`training.DROP_COUNTERS`), added up on the device every
+    step (one small asynchronous add, no host round trip) and read at logging steps.
+
+    `take()` returns the sums since the previous `take()`; `totals` since the start of
+    this process's training (a resumed run starts from zero).
+    """
+
+    def __init__(self):
+        self.pending: dict | None = None
+        self.totals: dict[str, int] = {}
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    def add(self, metrics: dict) -> None:
+        counts = {k: v for k, v in metrics.items() if training.is_drop_counter(k)}
+        if counts:
+            self.pending = counts if self.pending is None else self._add(self.pending, counts)
+
+    def take(self) -> dict[str, int]:
+        counts = {k: int(v) for k, v in jax.device_get(self.pending or {}).items()}
+        self.pending = None
+        for k, v in counts.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+        return counts
+
+
 class MetricsWriter:
     """JSON lines (always) and TensorBoard events (when tensorboardX is installed)."""
 
@@ -243,8 +278,9 @@ class Steps:
       shapes: the boxed variable shapes (`model.variable_shapes`), logical axes included.
       schedule: the learning-rate schedule.
       tx: the backbone optimizer.
-      init: () -> a fresh `TrainState` (jit it with `out_shardings=state_sharding`).
-      abstract_state: the state's shapes and dtypes (`jax.eval_shape(init)`).
+      init: () -> a fresh `TrainState`, placed by `state_sharding` (`training.StateInit`:
+        `init.dense` is the jitted program of all but the tables, which are made on the host).
+      abstract_state: the state's shapes and dtypes (`init.abstract()`).
       state_sharding: the state's NamedShardings (memory kinds included).
       train_step: jitted `(state, batch) -> (state, metrics)`, the state donated.
       eval_step: jitted `(state, batch) -> metrics`.
@@ -255,7 +291,7 @@ class Steps:
     shapes: dict
     schedule: Callable
     tx: optax.GradientTransformation
-    init: Callable[[], training.TrainState]
+    init: training.StateInit
     abstract_state: training.TrainState
     state_sharding: training.TrainState
     train_step: Callable
@@ -286,11 +322,10 @@ def build_steps(config: RunConfig, hasher: DeviceHasher | None = None, devices=N
     schedule = optim.schedule(config.optim, config.steps)
     tx = optim.build_optimizer(config.optim, axes["params"], config.steps)
 
-    def init() -> training.TrainState:
-        return training.init_state(config.model, tx, tables, jax.random.key(config.seed), mesh)
-
-    abstract_state = jax.eval_shape(init)
+    rng = jax.random.key(config.seed)
+    abstract_state = training.StateInit(config.model, tx, tables, rng, mesh).abstract()
     state_sharding = _state_sharding(mesh, shapes, axes, abstract_state, tables)
+    init = training.StateInit(config.model, tx, tables, rng, mesh, state_sharding)
     bias_rate = config.model.moe.bias_update_rate if config.model.moe else 0.0
     train_step, eval_step = training.jit_steps(
         config.model, tx, tables, schedule, bias_rate,
@@ -343,7 +378,7 @@ class Run:
         self.train_step, self.eval_step = steps.train_step, steps.eval_step
 
     def init_state(self) -> training.TrainState:
-        return jax.jit(self._init, out_shardings=self.state_sharding)()
+        return self._init()
 
     def abstract_with_sharding(self) -> training.TrainState:
         return self.steps.abstract_with_sharding()
@@ -359,7 +394,8 @@ class Run:
 
 def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
           stop_after: int | None = None) -> dict:
-    """Trains (or resumes) a run; returns the final metrics and the checkpoint path.
+    """Trains (or resumes) a run; returns the final metrics, the checkpoint path and
+    `dropped`: what full buckets dropped over this call's steps (`DropCounts`).
 
     The run holds `workdir`'s lock, and a SIGTERM or Ctrl-C stops it after the current
     step with a checkpoint (`stopped_by` in the result then names the signal); see
@@ -410,6 +446,7 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
     bar = tqdm(total=config.steps, initial=start, disable=not (lead and interactive), desc=config.name,
                dynamic_ncols=True, mininterval=2.0)
     final: dict = {}
+    drops = DropCounts()
     batches = sharding.Prefetch(iterator, run.mesh)  # the next batches copy while a step runs
     clock = None  # (time, step) once the first step, which includes compilation, is done
     stopped_by = None
@@ -417,9 +454,11 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
         for step in range(start, end):
             batch = next(batches)
             state, metrics = run.train_step(state, batch)
+            drops.add(metrics)
             done = step + 1
             if done % config.log_every == 0 or done == end:
                 metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+                metrics.update(drops.take())  # every step's drops since the last log, not this step's
                 if clock is not None and done > clock[1]:
                     tok_s = config.tokens_per_step * (done - clock[1]) / (time.perf_counter() - clock[0])
                     metrics["tokens_per_s"] = tok_s
@@ -439,7 +478,8 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
                 final = run.evaluate(state)
                 writer.write(done, final)
                 if lead:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in final.items()))
             stopping = stop.reached(done) and done < end  # the same step on every process
             checkpoints.save(done, state, config.to_dict(), batches, force=done == end or stopping)
             if stopping:
@@ -455,4 +495,4 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
     path = checkpoints.directory / str(checkpoints.latest_step())
     checkpoints.close()
     stopped = {"stopped_by": stopped_by} if stopped_by else {}
-    return {"step": int(state.step), "checkpoint": str(path), **stopped, **final}
+    return {"step": int(state.step), "checkpoint": str(path), "dropped": drops.totals, **stopped, **final}
