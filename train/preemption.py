@@ -179,12 +179,10 @@ class LibraryLog:
 def remove_unfinished_checkpoints(directory: pathlib.Path) -> None:
     """Deletes step folders that a save interrupted mid-way left behind, and says so.
 
-    Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and renames it when
+    Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when
     complete, so such a folder is never a checkpoint: its step is saved again.
     """
-    if not directory.is_dir():
-        return
-    left = sorted(p for p in directory.iterdir() if TMP_MARK in p.name)
+    left = sorted(p for p in directory.iterdir() if TMP_MARK in p.name) if directory.is_dir() else []
     if left and jax.process_index() == 0:
         for path in left:
             shutil.rmtree(path, ignore_errors=True)
