@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_train import corpus, micro_config, spoil, train_losses  # noqa: F401 (corpus is a fixture)
+from test_train import corpus, micro_config, train_losses  # noqa: F401 (corpus is a fixture)
 from train.workdir_lock import WorkdirInUse, WorkdirLock
 
 pytestmark = pytest.mark.slow
