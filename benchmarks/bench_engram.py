@@ -36,6 +36,13 @@ def measure(fn, args, repeats: int) -> float:
     return float(np.median(samples))
 
 
+def flops(fn, args) -> float:
+    """FLOPs of the compiled program, by XLA's own cost analysis."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+    return float(cost.get("flops", float("nan")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)  # benchmarks/RESULTS.md: median of 5
@@ -62,13 +69,23 @@ def main() -> None:
             # The gradient of the rows read (what the table engine sends to the row owners).
             loss = lambda p, h, e: jnp.sum(layer.apply({"params": p}, h, e).astype(jnp.float32) ** 2)  # noqa: E731
             backward = jax.jit(lambda p, h: jax.grad(loss, argnums=(0, 1, 2))(p, h, read()))
-            fwd = measure(forward, (params, hidden), args.repeats)
-            bwd = measure(backward, (params, hidden), args.repeats)
+            # Alternate the two so that a shared machine's load falls on both alike.
+            fwd_s, bwd_s = [], []
+            for _ in range(args.repeats):
+                fwd_s.append(measure(forward, (params, hidden), 1))
+                bwd_s.append(measure(backward, (params, hidden), 1))
+            fwd, bwd = float(np.median(fwd_s)), float(np.median(bwd_s))
+            fwd_flops, bwd_flops = flops(forward, (params, hidden)), flops(backward, (params, hidden))
             results[f"M{branches}_{jnp.dtype(dtype).name}"] = {
                 "forward_tok_per_s": round(tokens / fwd),
                 "forward_backward_tok_per_s": round(tokens / bwd),
                 "forward_ms": round(fwd * 1e3, 2),
                 "forward_backward_ms": round(bwd * 1e3, 2),
+                # The issue-20 guard: forward+backward over forward, in time and in FLOPs.
+                "fwd_bwd_over_fwd_time": round(bwd / fwd, 2),
+                "forward_gflops": round(fwd_flops / 1e9, 3),
+                "forward_backward_gflops": round(bwd_flops / 1e9, 3),
+                "fwd_bwd_over_fwd_flops": round(bwd_flops / fwd_flops, 2),
             }
     base = results["M4_float32"]["forward_backward_ms"]
     for r in results.values():
