@@ -299,3 +299,21 @@ def test_every_run_preset_resolves():
     for name in configs.names():
         config = run_preset(name)
         assert config.model == configs.get(name) and config.steps >= 1
+
+
+def test_logged_throughput_is_per_interval_and_the_summary_is_the_mean(monkeypatch):
+    """Steps 2-3 take 1 s each, validation 10 s (left out), steps 4-5 take 3 s each."""
+    from train import run as run_module
+
+    now = [0.0]
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: now[0])
+    clock = run_module.Throughput(tokens_per_step=100)
+    clock.go(1)  # after the first (compiling) step
+    now[0] = 2.0
+    assert clock.rate(3) == pytest.approx(100.0)
+    clock.pause(3)
+    now[0] = 12.0  # validation
+    clock.go(3)
+    now[0] = 18.0
+    assert clock.rate(5) == pytest.approx(100 * 2 / 6)  # this interval only, not since step 1
+    assert clock.mean() == pytest.approx(100 * 4 / 8)

@@ -135,6 +135,9 @@ def train_main(argv: list[str] | None = None) -> int:
         if "val_loss" in result:
             print(f"validation loss {result['val_loss']:.4f} nats/token "
                   f"({result['val_bits_per_byte']:.4f} bits/byte) at step {result['step']}")
+        if result.get("tokens_per_s_mean"):
+            print(f"throughput: {result['tokens_per_s_mean']:,.0f} tokens/s on average over the timed steps "
+                  "(the first, compiling, step and validation left out)")
         if result["dropped"]:
             print(f"dropped by full buckets over this run's steps: {_drops(result['dropped'])}")
         print(f"checkpoint: {result['checkpoint']}")

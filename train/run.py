@@ -228,6 +228,42 @@ class DropCounts:
         return counts
 
 
+class Throughput:
+    """Training steps timed without the first (compilation) and without validation.
+
+    `rate(done)` gives the tokens/s of the steps since the previous call (the logged
+    `tokens_per_s`: a slow-down shows at once, instead of melting into an average since
+    step 1); `mean()` the tokens/s of every timed step (the summary's).
+    """
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.mark: tuple[float, int] | None = None  # (time, step) while the clock runs
+        self.interval = self.total = (0.0, 0)  # (seconds, steps)
+
+    def go(self, done: int) -> None:
+        self.mark = (time.perf_counter(), done)
+
+    def pause(self, done: int) -> None:
+        if self.mark is not None:
+            seconds, steps = time.perf_counter() - self.mark[0], done - self.mark[1]
+            self.interval = (self.interval[0] + seconds, self.interval[1] + steps)
+            self.total = (self.total[0] + seconds, self.total[1] + steps)
+            self.mark = None
+
+    def rate(self, done: int) -> float | None:
+        running = self.mark is not None
+        self.pause(done)
+        (seconds, steps), self.interval = self.interval, (0.0, 0)
+        if running:
+            self.go(done)
+        return self.tokens_per_step * steps / seconds if steps and seconds > 0 else None
+
+    def mean(self) -> float | None:
+        seconds, steps = self.total
+        return self.tokens_per_step * steps / seconds if steps and seconds > 0 else None
+
+
 class MetricsWriter:
     """JSON lines (always) and TensorBoard events (when tensorboardX is installed)."""
 
@@ -394,8 +430,9 @@ class Run:
 
 def train(config: RunConfig, workdir: str | pathlib.Path | None = None, *,
           stop_after: int | None = None) -> dict:
-    """Trains (or resumes) a run; returns the final metrics, the checkpoint path and
-    `dropped`: what full buckets dropped over this call's steps (`DropCounts`).
+    """Trains (or resumes) a run; returns the final metrics, the checkpoint path,
+    `dropped`: what full buckets dropped over this call's steps (`DropCounts`), and
+    `tokens_per_s_mean` over its timed steps (`Throughput`; logged rates are per interval).
 
     The run holds `workdir`'s lock, and a SIGTERM or Ctrl-C stops it after the current
     step with a checkpoint (`stopped_by` in the result then names the signal); see
@@ -448,7 +485,7 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
     final: dict = {}
     drops = DropCounts()
     batches = sharding.Prefetch(iterator, run.mesh)  # the next batches copy while a step runs
-    clock = None  # (time, step) once the first step, which includes compilation, is done
+    clock = Throughput(config.tokens_per_step)  # runs from the end of the first step, which compiles
     stopped_by = None
     try:
         for step in range(start, end):
@@ -459,8 +496,8 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
             if done % config.log_every == 0 or done == end:
                 metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
                 metrics.update(drops.take())  # every step's drops since the last log, not this step's
-                if clock is not None and done > clock[1]:
-                    tok_s = config.tokens_per_step * (done - clock[1]) / (time.perf_counter() - clock[0])
+                tok_s = clock.rate(done)
+                if tok_s is not None:
                     metrics["tokens_per_s"] = tok_s
                     if peak:
                         metrics["mfu"] = tok_s * flops / (peak * jax.device_count())
@@ -470,11 +507,12 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
                     mfu = f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                     print(f"step {done}/{config.steps}: loss {metrics['loss']:.4f}, "
                           f"{metrics.get('tokens_per_s', float('nan')):,.0f} tokens/s{mfu}", flush=True)
-            if clock is None:
+            if done == start + 1:
                 jax.block_until_ready(state.step)
-                clock = (time.perf_counter(), done)
+                clock.go(done)
             bar.update(1)
             if done % config.eval_every == 0 or done == config.steps:
+                clock.pause(done)  # tokens/s counts training steps only
                 final = run.evaluate(state)
                 writer.write(done, final)
                 if lead:
@@ -485,8 +523,8 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
             if stopping:
                 stopped_by = stop.signal_name
                 break
-            if done % config.eval_every == 0:  # tokens/s counts training steps only
-                clock = (time.perf_counter(), done)
+            if clock.mark is None:
+                clock.go(done)
     finally:
         iterator.close()
         bar.close()
@@ -495,4 +533,5 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
     path = checkpoints.directory / str(checkpoints.latest_step())
     checkpoints.close()
     stopped = {"stopped_by": stopped_by} if stopped_by else {}
-    return {"step": int(state.step), "checkpoint": str(path), "dropped": drops.totals, **stopped, **final}
+    mean = {"tokens_per_s_mean": clock.mean()} if clock.mean() is not None else {}
+    return {"step": int(state.step), "checkpoint": str(path), "dropped": drops.totals, **mean, **stopped, **final}
