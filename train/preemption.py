@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import pathlib
@@ -132,8 +133,13 @@ def _unraisable(unraisable) -> None:
         pass
 
 
+# The handler a finished run left on the asyncio logger (see LibraryLog.__exit__).
+_asyncio_left: list[logging.Handler] = []
+
+
 class LibraryLog:
-    """Library records and tracebacks to `path` instead of the terminal (while entered).
+    """Library records and tracebacks to `path` instead of the terminal (while entered;
+    asyncio's until the process ends or another run starts, see `__exit__`).
 
     The records of `LIBRARY_LOGGERS` stop propagating to the terminal's handlers; our own
     `engram_jax` lines are copied to the file too, so that it reads in order. Exceptions
@@ -149,6 +155,10 @@ class LibraryLog:
         self._saved: dict[str, bool] = {}
 
     def __enter__(self) -> LibraryLog:
+        while _asyncio_left:  # an earlier run's handler, left for late task reports: this run's takes over
+            left = _asyncio_left.pop()
+            logging.getLogger("asyncio").removeHandler(left)
+            left.close()
         for name in LIBRARY_LOGGERS:
             logger = logging.getLogger(name)
             self._saved[name] = logger.propagate
@@ -165,11 +175,17 @@ class LibraryLog:
             # after the run: they go to the file too (a command line ends soon after).
             self.handler.flush()
             return
+        # A restore that failed during the run (a checkpoint set aside) leaves asyncio tasks
+        # whose errors are reported when they are collected: collect them now, and keep
+        # asyncio's records in the file for the rest of the process, for any collected later.
+        gc.collect()
         for name, propagate in self._saved.items():
-            logging.getLogger(name).removeHandler(self.handler)
-            logging.getLogger(name).propagate = propagate
+            if name != "asyncio":
+                logging.getLogger(name).removeHandler(self.handler)
+                logging.getLogger(name).propagate = propagate
         logging.getLogger("engram_jax").removeHandler(self.handler)
-        self.handler.close()
+        self.handler.flush()
+        _asyncio_left.append(self.handler)
 
     def exception(self, err: BaseException) -> None:
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
