@@ -1,4 +1,4 @@
-"""Command lines: `engram-train` (also `python -m train`) and `engram-eval`."""
+"""Command lines: `engram-train` (also `python -m train`), `engram-eval` and `engram-prepare`."""
 
 from __future__ import annotations
 
@@ -148,6 +148,75 @@ def _drops(counts: dict[str, int]) -> str:
     """`engram_dropped/1 0 token positions, moe_dropped/block_2 3 token copies, ...`"""
     units = {"engram_dropped": "token positions", "engram_dropped_ids": "ids", "moe_dropped": "token copies"}
     return ", ".join(f"{k} {v:,} {units[k.split('/')[0]]}" for k, v in sorted(counts.items()))
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="engram-prepare",
+        description="Tokenize a corpus once into a sharded, memory-mapped token store (engram_jax/data/store.py). "
+                    "engram-train does this on first use; run it ahead of time for a large corpus, or split it "
+                    "over several launchers with --shard.")
+    parser.add_argument("--config", default="tiny", help=f"a preset: {', '.join(configs.names())}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.source=/data/fineweb (repeatable)")
+    parser.add_argument("--out", help="the store folder (default: <data.cache_dir>/stores/<key>, where engram-train "
+                                      "looks for it); train on it with --set data.store=DIR")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="prepare only the I-th of N disjoint sets of parts (N launchers, one each); the "
+                             "launcher that finishes the last part writes the manifest")
+    parser.add_argument("--part-mb", type=float, default=64.0, help="MB of source per part (default 64)")
+    parser.add_argument("--join", action="store_true", help="write the manifest of a store whose parts are done")
+    parser.add_argument("--verify", action="store_true",
+                        help="check a prepared store: every shard's sha256 and, where the source can be read, "
+                             "the sha256 of its bytes against the manifest")
+    args = parser.parse_args(argv)
+    try:
+        from engram_jax import data
+        from train.run import run_preset
+
+        config = run_preset(args.config).override(args.set)
+        _setup_logging()
+        tokenizer = data.load_tokenizer(config.data)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab > config.model.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab} ids but model.vocab_size is {config.model.vocab_size}; "
+                             f"set --set model.vocab_size={vocab}")
+        out = args.out or config.data.store or None
+        if args.verify:
+            store, source_checked = data.store.verify(config.data, tokenizer, out)
+            print(f"engram-prepare: {store.path}: every shard matches its sha256; the source "
+                  + ("matches the bytes recorded" if source_checked else "was not checked (not readable here, or "
+                     "not the recorded one)"))
+            return 0
+        if args.join:
+            if out is None:
+                out = data.store.default_path(config.data, tokenizer, data.sources.plan(config.data))
+            store = data.join(out, tokenizer)
+        else:
+            store = data.prepare(config.data, tokenizer, out, shard=args.shard, part_bytes=int(args.part_mb * 2**20))
+        if store is None:
+            print(f"engram-prepare: part set {args.shard[0]}/{args.shard[1]} done; the store is complete when every "
+                  "set is (the last to finish writes the manifest, or run again with --join)")
+            return 0
+        splits = store.manifest["splits"]
+        print(f"engram-prepare: {store.path}: " + ", ".join(
+            f"{split} {s['tokens']:,} tokens ({s['documents']:,} documents, {len(s['shards'])} shards)"
+            for split, s in splits.items()))
+        if args.out:
+            print(f"train on it with: engram-train --config {args.config} --set data.store={store.path}")
+    except USER_ERRORS as err:
+        return _fail("engram-prepare", err)
+    return 0
 
 
 def eval_main(argv: list[str] | None = None) -> int:

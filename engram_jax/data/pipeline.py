@@ -40,6 +40,9 @@ stored stream by index gives a global shuffle and an exact, O(1) checkpoint.
 
 from __future__ import annotations
 
+import bisect
+import mmap
+
 import grain
 import numpy as np
 from absl import flags
@@ -72,13 +75,15 @@ class Windows:
         self.folder, self.dtype = str(store.path), store.dtype.str
         self.names = [s["name"] for s in shards]
         self.ends = np.cumsum([s["tokens"] for s in shards], dtype=np.int64)  # [shards]
+        self._ends = self.ends.tolist()  # bisect on a list is faster than searchsorted here
         self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
         self.seq_len, self.window = seq_len, seq_len + 1
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.ndarray] = {}
 
-    def _shard(self, i: int) -> np.memmap:
-        if i not in self._maps:
-            self._maps[i] = np.memmap(f"{self.folder}/{self.names[i]}.tokens", np.dtype(self.dtype), "r")
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._maps:  # a plain array over the map: slicing it is cheaper than a np.memmap's
+            with open(f"{self.folder}/{self.names[i]}.tokens", "rb") as f:
+                self._maps[i] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.dtype(self.dtype))
         return self._maps[i]
 
     def __len__(self) -> int:
@@ -86,15 +91,18 @@ class Windows:
 
     def __getitem__(self, index: int) -> np.ndarray:
         start = int(index) * self.seq_len
+        i = bisect.bisect_right(self._ends, start)
+        base = self._ends[i - 1] if i else 0
+        if start + self.window <= self._ends[i]:  # within one shard
+            return self._shard(i)[start - base: start - base + self.window].astype(np.int32)
         out = np.empty(self.window, np.int32)
-        i = int(np.searchsorted(self.ends, start, side="right"))
         filled = 0
-        while filled < self.window:  # a window may cross one (or, for tiny shards, more) shard ends
-            base = int(self.ends[i - 1]) if i else 0
+        while filled < self.window:  # across one (or, for tiny shards, more) shard ends
             lo = start + filled - base
             piece = self._shard(i)[lo: lo + self.window - filled]
             out[filled: filled + len(piece)] = piece
             filled += len(piece)
+            base = self._ends[i]
             i += 1
         return out
 

@@ -276,18 +276,25 @@ class Document:
 
 
 class Reading:
-    """Counts and hashes the source bytes a part's reading goes through."""
+    """Counts the source bytes a part's reading goes through, and hashes each file's."""
 
     def __init__(self):
         self.bytes = 0
-        self.sha256 = hashlib.sha256()
+        self.files: list = []  # a sha256 per file opened, in order
+
+    def new_file(self):
+        self.files.append(hashlib.sha256())
+        return self.files[-1]
+
+    def digests(self) -> list[str]:
+        return [h.hexdigest() for h in self.files]
 
 
 class _Counted(io.RawIOBase):
     """A binary file whose bytes are counted and hashed into a `Reading` as they are read."""
 
     def __init__(self, raw, reading: Reading):
-        self.raw, self.reading = raw, reading
+        self.raw, self.reading, self.sha256 = raw, reading, reading.new_file()
 
     def readable(self) -> bool:
         return True
@@ -295,7 +302,7 @@ class _Counted(io.RawIOBase):
     def readinto(self, buffer) -> int:
         n = self.raw.readinto(buffer)
         self.reading.bytes += n
-        self.reading.sha256.update(memoryview(buffer)[:n])
+        self.sha256.update(memoryview(buffer)[:n])
         return n
 
     def close(self) -> None:
@@ -368,9 +375,10 @@ def _jsonl_texts(f: SourceFile, field: str, reading: Reading) -> Iterator[str]:
 def _parquet_texts(f: SourceFile, field: str, reading: Reading) -> Iterator[str]:
     import pyarrow.parquet as pq
 
+    sha256 = reading.new_file()
     with open(f.path, "rb") as raw:  # the bytes, for the content hash
         while block := raw.read(1 << 22):
-            reading.sha256.update(block)
+            sha256.update(block)
             reading.bytes += len(block)
     try:
         table = pq.ParquetFile(f.path)
@@ -485,6 +493,23 @@ def documents(plan_: Plan, part: int, reading: Reading) -> Iterator[Document]:
                     yield Document(split, ordinal,
                                    iter((value,)) if len(value) <= PIECE_CHARS else pieces((value,)))
                     ordinal += 1
+
+
+def content_sha256(file_digests: Iterable[str]) -> str:
+    """The source's content hash: a sha256 of its files' sha256s (hex, in corpus order)."""
+    return hashlib.sha256("".join(file_digests).encode()).hexdigest()
+
+
+def file_digests(plan_: Plan) -> list[str]:
+    """sha256 (hex) of each file's bytes, in corpus order (reads the whole source)."""
+    digests = []
+    for f in plan_.files:
+        h = hashlib.sha256()
+        with open(f.path, "rb") as raw:
+            while block := raw.read(1 << 22):
+                h.update(block)
+        digests.append(h.hexdigest())
+    return digests
 
 
 def split_of(doc: Document, fraction: float) -> str:

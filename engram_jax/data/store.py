@@ -247,7 +247,7 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
             writer.close()
         raise
     progress.bytes = base_bytes + reading.bytes
-    return {"part": part, "shards": shards, "source_bytes": reading.bytes, "source_sha256": reading.sha256.hexdigest()}
+    return {"part": part, "shards": shards, "source_bytes": reading.bytes, "file_sha256": reading.digests()}
 
 
 def _ledger_path(out: Path, part: int) -> Path:
@@ -278,7 +278,7 @@ def _check_plan(out: Path, record: dict) -> None:
             raise StoreError(f"{path}: corrupt ({err}); remove the folder to prepare it again") from None
         if existing != record:
             changed = sorted(k for k in record if existing.get(k) != record[k])
-            raise StoreError(f"{out} holds a store prepared from other input ({', '.join(changed)} differ); "
+            raise StoreError(f"{out} holds a store prepared from other input (it differs in: {', '.join(changed)}); "
                              "remove it or prepare into another folder (--out)")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -311,11 +311,10 @@ def prepare(config: DataConfig, tokenizer: Tokenizer, out: str | os.PathLike | N
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     the_plan = sources.plan(config, part_bytes)
     out = Path(out).expanduser() if out is not None else default_path(config, tokenizer, the_plan)
+    eod = eod_id(tokenizer, config.eod_token)
+    _check_plan(out, {**_plan_record(the_plan, tokenizer), "eod": eod})
     if (out / MANIFEST).exists():
         return TokenStore.open(out, tokenizer=tokenizer)
-    eod = eod_id(tokenizer, config.eod_token)
-    record = _plan_record(the_plan, tokenizer)
-    _check_plan(out, {**record, "eod": eod})
     if not (out / STORE_TOKENIZER).exists():
         atomic_write(out / STORE_TOKENIZER, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
     if line := the_plan.skipped_line():
@@ -365,7 +364,7 @@ def join(out: str | os.PathLike, tokenizer: Tokenizer | None = None) -> TokenSto
         shards = [s for s in shards if s["tokens"]]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
                          "bytes": sum(s["bytes"] for s in shards), "shards": shards}
-    content = hashlib.sha256("".join(ledger["source_sha256"] for ledger in ledgers).encode()).hexdigest()
+    content = sources.content_sha256(d for ledger in ledgers for d in ledger["file_sha256"])
     tok = Tokenizer.from_file(str(out / STORE_TOKENIZER))
     manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "dtype": record["dtype"], "eod_id": record["eod"],
                 "tokenizer": {"sha256": record["tokenizer_sha256"],
@@ -479,6 +478,32 @@ class TokenStore:
             ends.append(np.fromfile(self.path / f"{s['name']}.docs", "<u8").astype(np.int64) + base)
             base += s["tokens"]
         return np.concatenate(ends) if ends else np.zeros(0, np.int64)
+
+
+def verify(config: DataConfig, tokenizer: Tokenizer, path: str | os.PathLike | None = None
+           ) -> tuple[TokenStore, bool]:
+    """Checks a prepared store: every shard against its sha256 and, when `config`'s source
+    is readable and planned as the manifest says (same description and fingerprint), the
+    sha256 of its bytes. Returns the store and whether the source was checked.
+
+    Raises:
+      StoreError: naming the store and what does not match.
+    """
+    if path is None:
+        path = default_path(config, tokenizer, sources.plan(config))
+    store = TokenStore.open(path, tokenizer=tokenizer, verify=True)
+    recorded = store.manifest["source"]
+    try:
+        the_plan = sources.plan(config)
+    except (OSError, ValueError):
+        return store, False  # the source is not here: the shards alone are checked
+    if the_plan.fingerprint != recorded["fingerprint"] or any(
+            recorded.get(k) != v for k, v in the_plan.description.items()):
+        return store, False
+    if sources.content_sha256(sources.file_digests(the_plan)) != recorded["content_sha256"]:
+        raise StoreError(f"the source {config.source!r} has the names, sizes and times the token store {store.path} "
+                         "recorded but other bytes; prepare it again")
+    return store, True
 
 
 _OPENED: dict[tuple, TokenStore] = {}
