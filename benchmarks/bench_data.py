@@ -119,12 +119,18 @@ def _measure(spec: dict) -> dict:
 
 
 def _copies(base: Path, k: int, into: Path) -> Path:
+    """k copies of the stdlib's .py files (test folders left out, as the `stdlib` source does)."""
     folder = into / f"corpus_{k}x"
     if not folder.exists():
-        for i in range(k):
-            shutil.copytree(base, folder / f"copy{i}",
-                            ignore=shutil.ignore_patterns("site-packages", "dist-packages", "test", "tests",
-                                                          "idle_test", "__pycache__", "*.pyc"))
+        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+        for path in base.rglob("*.py"):
+            relative = path.relative_to(base)
+            if skip & set(relative.parts[:-1]) or any(p.startswith(".") for p in relative.parts):
+                continue
+            for i in range(k):
+                target = folder / f"copy{i}" / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
     return folder
 
 
@@ -174,6 +180,8 @@ def main() -> None:
                 print(json.dumps({"size": k, "task": task, "path": path, **row[f"{task}/{path}"]}), file=sys.stderr)
             if task != "pipeline":
                 today, store = row[f"{task}/today"], row[f"{task}/store"]
+                if "tokens" in today:  # the same text tokenized: the same number of ids
+                    row[f"{task}/same_tokens"] = today["tokens"] == store["tokens"]
                 row[f"{task}/ratio_store_over_today"] = {"process": round(store["process_s"] / today["process_s"], 3),
                                                          "wall": round(store["wall_s"] / today["wall_s"], 3),
                                                          "cpu": round(store["cpu_s"] / today["cpu_s"], 3),

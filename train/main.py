@@ -209,11 +209,11 @@ def prepare_main(argv: list[str] | None = None) -> int:
                   "set is (the last to finish writes the manifest, or run again with --join)")
             return 0
         splits = store.manifest["splits"]
-        print(f"engram-prepare: {store.path}: " + ", ".join(
+        print(f"engram-prepare: {store.path.resolve()}: " + ", ".join(
             f"{split} {s['tokens']:,} tokens ({s['documents']:,} documents, {len(s['shards'])} shards)"
             for split, s in splits.items()))
         if args.out:
-            print(f"train on it with: engram-train --config {args.config} --set data.store={store.path}")
+            print(f"train on it with: engram-train --config {args.config} --set data.store={store.path.resolve()}")
     except USER_ERRORS as err:
         return _fail("engram-prepare", err)
     return 0

@@ -9,7 +9,8 @@ times (and the first 4 KB of a file whose name does not tell its kind):
     skipped): .jsonl, .jsonl.gz / .json.gz and .parquet hold one document per record
     (`text_field`); .txt/.md/.py and any other file that is UTF-8 text are one document
     each; binaries and empty files are skipped and counted;
-  - "hf:<name>[:<config>]": the "train" split of a Hugging Face dataset, streamed.
+  - "hf:<name>[:<config>]": the "train" split of a Hugging Face dataset, streamed (its
+    fingerprint is its name: a new revision of the dataset needs a new store folder).
 
 The plan groups the files into parts, consecutive runs of about `part_bytes`, that a
 prepare processes one at a time (and that `--shard i/n` deals out), and fingerprints the
@@ -171,9 +172,16 @@ def _kind_by_name(name: str) -> str | None:
     return {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "text" if suffix in TEXT_SUFFIXES else None)
 
 
+def _open_binary(path: str):
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
 def _sniff(path: str) -> str | None:
     """Why the file is not UTF-8 text ("binary (NUL bytes)", "not UTF-8"), or None if it is."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(_SNIFF_BYTES)
     if b"\0" in head:
         return "binary (NUL bytes)"
@@ -312,7 +320,7 @@ class _Counted(io.RawIOBase):
 
 def _open_text(f: SourceFile, reading: Reading) -> io.TextIOWrapper:
     """The file as text: UTF-8, undecodable bytes as U+FFFD, universal newlines."""
-    raw = io.BufferedReader(_Counted(open(f.path, "rb", buffering=0), reading), 1 << 20)
+    raw = io.BufferedReader(_Counted(_open_binary(f.path), reading), 1 << 20)
     if f.kind == "jsonl.gz":
         raw = gzip.GzipFile(fileobj=raw, mode="rb")
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
@@ -376,7 +384,7 @@ def _parquet_texts(f: SourceFile, field: str, reading: Reading) -> Iterator[str]
     import pyarrow.parquet as pq
 
     sha256 = reading.new_file()
-    with open(f.path, "rb") as raw:  # the bytes, for the content hash
+    with _open_binary(f.path) as raw:  # the bytes, for the content hash
         while block := raw.read(1 << 22):
             sha256.update(block)
             reading.bytes += len(block)
@@ -505,7 +513,7 @@ def file_digests(plan_: Plan) -> list[str]:
     digests = []
     for f in plan_.files:
         h = hashlib.sha256()
-        with open(f.path, "rb") as raw:
+        with _open_binary(f.path) as raw:
             while block := raw.read(1 << 22):
                 h.update(block)
         digests.append(h.hexdigest())

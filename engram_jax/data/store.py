@@ -36,6 +36,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 ENCODE_CHARS = 4 << 20  # text per encode_batch_fast call: enough documents for every core
+# (one batch is encoded, without the GIL, while the next is read: two in memory at a time)
 _HASH_BLOCK = 1 << 24
 
 
@@ -187,30 +189,46 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
     base_bytes = progress.bytes
     reading = sources.Reading()
 
-    def flush() -> None:
-        nonlocal batch, chars
-        if not batch:
-            return
-        encodings = enc.encode_batch_fast([piece for _, piece, _ in batch], add_special_tokens=False)
+    def write(pending: tuple[list, Future]) -> None:
+        """Appends an encoded batch's ids to its splits' shards."""
+        entries, future = pending
+        order, encodings = future.result()
+        ids_of = [None] * len(entries)
+        for i, encoding in zip(order, encodings):
+            ids_of[i] = np.asarray(encoding.ids, dtype)
         per_split: dict[str, tuple[list, list, list]] = {}
-        for (split, piece, last), encoding in zip(batch, encodings):
-            ids, ends, offset = per_split.setdefault(split, ([], [], [0]))
-            ids.append(np.asarray(encoding.ids, dtype))
-            offset[0] += len(ids[-1])
+        for (split, piece, last), ids in zip(entries, ids_of):
+            arrays, ends, offset = per_split.setdefault(split, ([], [], [0]))
+            arrays.append(ids)
+            offset[0] += len(ids)
             if last:
-                ids.append(eod_array)
+                arrays.append(eod_array)
                 offset[0] += 1
                 ends.append(offset[0])
             if split not in writers:
                 writers[split] = _ShardWriter(out, f"{split}-{part:05d}", dtype)
             writers[split].bytes += len(piece.encode("utf-8", errors="surrogatepass"))
-        for split, (ids, ends, _) in per_split.items():
-            writers[split].write(ids, ends)
-            progress.tokens += sum(len(a) for a in ids)
-        batch, chars = [], 0
+        for split, (arrays, ends, _) in per_split.items():
+            writers[split].write(arrays, ends)
+            progress.tokens += sum(len(a) for a in arrays)
+
+    def encode(texts: list[str]) -> tuple[list[int], list]:
+        # Longest first, so that no long piece is left to one core at the end of the batch.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        return order, enc.encode_batch_fast([texts[i] for i in order], add_special_tokens=False)
+
+    pending = None  # the batch being encoded (in `pool`, without the GIL) while the next is read
+
+    def flush() -> None:
+        nonlocal batch, chars, pending
+        submitted = (batch, pool.submit(encode, [piece for _, piece, _ in batch])) if batch else None
+        if pending is not None:
+            write(pending)
+        pending, batch, chars = submitted, [], 0
         progress.bytes = base_bytes + reading.bytes
         progress.update()
 
+    pool = ThreadPoolExecutor(1, thread_name_prefix="engram-encode")
     try:
         for doc in sources.documents(the_plan, part, reading):
             split = sources.split_of(doc, the_plan.val_fraction)
@@ -229,6 +247,7 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
             if chars >= ENCODE_CHARS:
                 flush()
         flush()
+        flush()  # the last batch's ids
         if the_plan.rule in ("record", "hub"):
             moved = sources.record_fallback(sum(counts.values()), the_plan.val_fraction, counts["validation"])
             if moved is not None:  # that record is document `ordinal` of the other split, the whole of it
@@ -246,6 +265,8 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
         for writer in writers.values():
             writer.close()
         raise
+    finally:
+        pool.shutdown(cancel_futures=True)
     progress.bytes = base_bytes + reading.bytes
     return {"part": part, "shards": shards, "source_bytes": reading.bytes, "file_sha256": reading.digests()}
 
