@@ -16,7 +16,8 @@ one subprocess (peak RSS from `wait4`), old and new alternating at each size:
                tokens already prepared (a warm start)
   pipeline     batches/s of the pipeline with Engram hashing at tiny's and small's shapes
 
-    python benchmarks/bench_data.py [--sizes 1,4,16] [--corpus DIR] [--plot benchmarks/data_rss.png]
+    python benchmarks/bench_data.py [--sizes 1,4,16] [--corpus DIR] [--tokenizer tokenizer.json]
+                                    [--tasks prepare,first_batch,pipeline,prepare_bpe] [--plot PNG]
 
 `--corpus DIR` measures one given corpus (size "1") instead of stdlib copies. Prints one
 JSON object. Needs a git checkout (for today's path) and a few GB of memory.
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="prepare,first_batch,pipeline,prepare_bpe")
     parser.add_argument("--plot", default="benchmarks/data_rss.png")
     parser.add_argument("--scratch", help="folder for corpora and caches (default: a temporary one)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json to use (default: the BPE trained on the first size)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
@@ -155,11 +157,14 @@ def main() -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "legacy_commit": LEGACY_COMMIT, "sizes": {}}
     # One tokenizer for every size: trained once on the 1x corpus by today's code (the same BPE).
-    tokenizer_cache = scratch / "tokenizer_cache"
-    first = _measure({"path": "store", "task": "prepare", "corpus": str(corpora[sizes[0]]),
-                      "cache": str(tokenizer_cache), "scratch": str(scratch)})
-    tokenizer = str(next((tokenizer_cache / "tokenizers").glob("*.json")))
-    report["tokenizer_training_s"] = first["tokenizer_s"]
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer_cache = scratch / "tokenizer_cache"
+        shutil.rmtree(tokenizer_cache, ignore_errors=True)
+        first = _measure({"path": "store", "task": "prepare", "corpus": str(corpora[sizes[0]]),
+                          "cache": str(tokenizer_cache), "scratch": str(scratch)})
+        tokenizer = str(next((tokenizer_cache / "tokenizers").glob("*.json")))
+        report["tokenizer_training_s"] = first["tokenizer_s"]
     for k, corpus in corpora.items():
         mb = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file()) / 2**20
         row: dict = {"corpus_mb": round(mb, 1)}

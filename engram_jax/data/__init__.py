@@ -1,4 +1,4 @@
-"""Input data: a source streamed once into a memory-mapped token store, read as batches.
+"""Input data: a source streamed once into a sharded token store, read as batches.
 
 The modules follow the data's way:
 

@@ -67,7 +67,7 @@ SPLIT_RULES = ("file", "record", "lines", "hub")
 PLAN_VERSION = 1  # bump when the split rules or the reading of files change
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class SourceFile:
     path: str
     key: str  # the path relative to the source's root, '/'-separated

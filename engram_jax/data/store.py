@@ -1,4 +1,4 @@
-"""The token store: a corpus tokenized once into memory-mapped shards, and how it is made.
+"""The token store: a corpus tokenized once into shards of flat ids, and how it is made.
 
 A store is a folder:
 
