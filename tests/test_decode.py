@@ -140,10 +140,10 @@ def test_one_decode_program_per_batch_and_cache_bucket(setup, greedy):
 
 def test_each_sequence_stops_at_its_end_of_document(setup, greedy):
     free = greedy.tokens
-    # A token that prompt 1 first generates mid-way becomes the end-of-document id.
-    stop = next(t for i, t in enumerate(free[1]) if i >= 2 and t not in free[1][:i])
+    # A token that some prompt first generates mid-way becomes the end-of-document id.
+    stop = next(t for seq in free for i, t in enumerate(seq) if i >= 2 and t not in seq[:i])
     cut = {b: free[b].index(stop) if stop in free[b] else NEW for b in range(len(PROMPTS))}
-    assert 2 <= cut[1] < NEW
+    assert any(2 <= c < NEW for c in cut.values())
     stopping = setup.decoder.generate(PROMPTS, NEW, return_logits=True, eod_id=stop)
     for b in range(len(PROMPTS)):  # each stops at its own first `stop`, the others run on
         assert stopping.tokens[b] == free[b][: cut[b]] and stopping.finished[b] == (cut[b] < NEW)
