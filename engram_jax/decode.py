@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 
 import chex
@@ -102,6 +103,8 @@ class Generation:
       tokens: the new ids of each prompt, up to and not including the end-of-document id.
       finished: whether the prompt's generation ended with the end-of-document id.
       steps: decode-loop iterations run (the first new token comes from the prefill).
+      seconds: wall time of the call, from the host's prompts to the host's new ids
+        (compilation included when the call compiled a program: `Decoder.programs`).
       logits: with `return_logits`, float32 [B, M, V]: row b, column i is the
         distribution new token i of prompt b was drawn from (M = max_new_tokens; rows
         past a prompt's end hold what the loop computed for its padding).
@@ -112,6 +115,7 @@ class Generation:
     tokens: list[list[int]]
     finished: list[bool]
     steps: int
+    seconds: float
     logits: np.ndarray | None = None
     prompt_logits: np.ndarray | None = None
 
@@ -224,6 +228,10 @@ class Decoder:
             return leaf.shape[2] if name.startswith("blocks_") else leaf.shape[1]
         raise ValueError("empty cache")
 
+    def programs(self) -> int:
+        """How many prefill and decode programs have been compiled (one per bucket)."""
+        return self._prefill_jit._cache_size() + self._loop_jit._cache_size()
+
     @functools.cached_property
     def _prefill_jit(self):
         return jax.jit(self._prefill, static_argnames=("length", "sampling"))
@@ -259,6 +267,7 @@ class Decoder:
           ValueError: an empty prompt, max_new_tokens < 1, a prompt (with its new tokens)
             longer than the cache, or an id outside the vocabulary (one line).
         """
+        start = time.perf_counter()
         if not prompts:
             raise ValueError("no prompts to generate from")
         eod_id = self.eod_id if eod_id is None else eod_id
@@ -300,5 +309,5 @@ class Decoder:
             new.append(row[: ends[0]].tolist() if ends.size else row.tolist())
             finished.append(bool(ends.size))
         logits = np.asarray(kept)[: len(prompts), :max_new_tokens] if return_logits else None
-        return Generation(new, finished, steps, logits,
+        return Generation(new, finished, steps, time.perf_counter() - start, logits,
                           np.asarray(prompt_logits)[: len(prompts)] if return_logits else None)
