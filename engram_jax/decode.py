@@ -137,10 +137,12 @@ class Decoder:
       rows: `TableState.rows` of the tables ({} without Engram).
       hasher: the run's `NgramHasher` (or its `DeviceHasher`) with Engram, else None.
       eod_id: the end-of-document id: a sequence that samples it stops.
+      hot_rows: a `hot_rows.HotRows` cache: hits read from it (device memory), only the
+        misses through `tables`; None reads every row through `tables`.
     """
 
     def __init__(self, config: ModelConfig, variables: dict, tables=None, rows=None, hasher=None,
-                 eod_id: int = 0):
+                 eod_id: int = 0, hot_rows=None):
         if (config.engram is None) != (tables is None) or (config.engram is None) != (hasher is None):
             raise ValueError("a model with Engram needs its tables and hasher, one without needs neither")
         if tables is not None and tables.config.lookup_capacity_factor != 0:
@@ -152,6 +154,7 @@ class Decoder:
         self.rows = rows if rows is not None else {}
         self.hasher = hasher if hasher is None or isinstance(hasher, DeviceHasher) else hasher.on_device()
         self.eod_id = eod_id
+        self.hot_rows = hot_rows
         self._model = Model(config)
 
     # ------------------------------------------------------------------ pieces
@@ -160,20 +163,23 @@ class Decoder:
         """A zero cache (`model.cache_shapes`) for `batch` sequences of `length` slots."""
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), model_lib.cache_shapes(self.config, batch, length))
 
-    def _memory(self, rows, hash_ids: dict) -> dict:
-        """`{layer: [B, T, H]}` hash ids -> `{layer: [B, T, d_mem]}` rows via the table engine."""
+    def _memory(self, rows, hot, hash_ids: dict) -> dict:
+        """`{layer: [B, T, H]}` hash ids -> `{layer: [B, T, d_mem]}` rows via the table engine
+        (and the hot-row cache `hot`, when there is one)."""
         if self.tables is None:
             return {}
+        if hot is not None:
+            return hot.lookup(self.tables, rows, hash_ids, jnp.float32)
         memory, _ = self.tables.lookup(rows, hash_ids, jnp.float32)
         return memory
 
-    def _prefill(self, variables, rows, hasher, tokens, lengths, key, *, length: int, sampling: SamplingConfig):
+    def _prefill(self, variables, rows, hot, hasher, tokens, lengths, key, *, length: int, sampling: SamplingConfig):
         """Prompts [B, P] (right-padded), lengths [B] -> (first new tokens [B], their logits
         [B, V], the prefill's logits [B, P, V], cache, Engram context [B, N - 1])."""
         b, p = tokens.shape
         hash_ids = hasher(tokens) if hasher is not None else {}  # {layer: [B, P, H]}
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))  # [B, P]
-        logits, cache = self._model.apply(variables, tokens, self._memory(rows, hash_ids), positions=positions,
+        logits, cache = self._model.apply(variables, tokens, self._memory(rows, hot, hash_ids), positions=positions,
                                           cache=self.empty_cache(b, length))  # [B, P, V]
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
         context = None
@@ -183,17 +189,17 @@ class Decoder:
             context = jnp.take_along_axis(padded, lengths[:, None] + jnp.arange(lead)[None], axis=1)  # [B, N - 1]
         return sample(last, key, sampling), last, logits, cache, context
 
-    def _step(self, variables, rows, hasher, token, position, context, cache):
+    def _step(self, variables, rows, hot, hasher, token, position, context, cache):
         """One cached step: token [B] at position [B] -> (logits [B, V], cache, context)."""
         hash_ids = {}
         if hasher is not None:
             step_ids, context = hasher.step(context, token)  # {layer: [B, H]}
             hash_ids = {layer: ids[:, None] for layer, ids in step_ids.items()}  # [B, 1, H]
-        logits, cache = self._model.apply(variables, token[:, None], self._memory(rows, hash_ids),
+        logits, cache = self._model.apply(variables, token[:, None], self._memory(rows, hot, hash_ids),
                                           positions=position[:, None], cache=cache)  # [B, 1, V]
         return logits[:, 0], cache, context
 
-    def _loop(self, variables, rows, hasher, first, first_logits, lengths, active, context, cache, key,
+    def _loop(self, variables, rows, hot, hasher, first, first_logits, lengths, active, context, cache, key,
               max_new_tokens, eod_id, *, sampling: SamplingConfig, return_logits: bool):
         """The decode loop from the first new tokens [B]: (tokens [B, S], steps, logits)."""
         b = first.shape[0]
@@ -209,7 +215,7 @@ class Decoder:
 
         def body(state):
             i, token, position, done, context, cache, out, kept = state
-            logits, cache, context = self._step(variables, rows, hasher, token, position, context, cache)
+            logits, cache, context = self._step(variables, rows, hot, hasher, token, position, context, cache)
             nxt = jnp.where(done, eod_id, sample(logits, jax.random.fold_in(key, i), sampling))
             out = out.at[:, i].set(nxt)
             if return_logits:
@@ -297,9 +303,9 @@ class Decoder:
         active = np.arange(b) < len(prompts)
         key = jax.random.key(seed)
         first, first_logits, prompt_logits, cache, context = self._prefill_jit(
-            self.variables, self.rows, self.hasher, tokens, padded_lengths, jax.random.fold_in(key, 0),
+            self.variables, self.rows, self.hot_rows, self.hasher, tokens, padded_lengths, jax.random.fold_in(key, 0),
             length=length, sampling=sampling)
-        out, steps, kept = self._loop_jit(self.variables, self.rows, self.hasher, first, first_logits,
+        out, steps, kept = self._loop_jit(self.variables, self.rows, self.hot_rows, self.hasher, first, first_logits,
                                           padded_lengths, active, context, cache, key, np.int32(max_new_tokens),
                                           np.int32(eod_id), sampling=sampling, return_logits=return_logits)
         out, steps = np.asarray(out), int(steps)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import decode, model as model_lib, sharding, table, table_optim
+from engram_jax import decode, hot_rows, model as model_lib, sharding, table, table_optim
 from engram_jax.attention import AttentionConfig
 from engram_jax.config_base import ConfigError
 from engram_jax.decode import Decoder, SamplingConfig
@@ -180,3 +180,34 @@ def test_bad_input_is_named():
         SamplingConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ConfigError, match="top_p"):
         SamplingConfig(top_p=1.5)
+
+
+def test_hot_rows_serve_hits_and_change_no_logit(setup, greedy):
+    if setup.tables is None or not setup.tables.host:
+        pytest.skip("the hot-row cache is for host tables")
+    engram = setup.config.engram
+    sequences = [p + t for p, t in zip(PROMPTS, greedy.tokens)]
+    counts = hot_rows.count_rows(setup.hasher, [np.asarray(s) for s in sequences], engram)
+    hot = hot_rows.HotRows.build(counts, setup.rows, engram, k=24)
+    # The lookup alone: equal to the engine's, with hits on a good share of the reads.
+    tokens = np.asarray([s[:12] for s in sequences if len(s) >= 12], np.int32)
+    ids = {layer: jnp.asarray(v) for layer, v in setup.hasher(tokens).items()}
+    want, _ = jax.jit(setup.tables.lookup)(setup.rows, ids)
+    got = jax.jit(lambda r, h, i: h.lookup(setup.tables, r, i))(setup.rows, hot, ids)
+    for layer in engram.layer_ids:
+        np.testing.assert_array_equal(np.asarray(got[layer]), np.asarray(want[layer]))
+        rows = hot_rows.global_rows(engram, layer, np.asarray(ids[layer]))
+        assert 0.3 < np.isin(rows, np.asarray(hot.ids[table.layer_key(layer)])).mean() < 1
+    # Through the decoder: the same tokens and logits.
+    out = Decoder(setup.config, setup.variables, setup.tables, setup.rows, setup.hasher, EOD,
+                  hot_rows=hot).generate(PROMPTS, NEW, return_logits=True)
+    assert out.tokens == greedy.tokens
+    assert _relative(out.logits, greedy.logits) < TOLERANCE
+
+
+def test_a_hot_row_count_larger_than_the_table_is_named():
+    config = make_config("mha", 1, True)
+    counts = {1: np.ones(config.engram.table_rows(1), np.int64)}
+    rows = {table.layer_key(1): np.zeros((config.engram.table_rows(1), config.engram.head_dim), np.float32)}
+    with pytest.raises(ValueError, match="the hot-row count 1,000 is larger than layer 1's table of 152 rows"):
+        hot_rows.HotRows.build(counts, rows, config.engram, k=1000)
