@@ -11,7 +11,13 @@ Parts (`--parts`, default all):
   at 1x and 64x tiny's rows, a batch of 8: (time of 65 new tokens - time of 1) / 64,
   placements interleaved, the median of `--repeats`.
 
-    python benchmarks/bench_decode.py [--parts rerun,placement] [--repeats 3]
+- `hot_rows`: the hot-row cache on real text (the corpus and tokenizer of `tiny`'s run):
+  rows counted over the first 2M tokens of the training split, measured on the first
+  200k of the validation split: the share of row reads the top K rows serve, and the
+  distinct rows per generated token a batch of 8 reads from host memory with and
+  without the cache, for K from 64 to 65,536; plotted to `--plot`.
+
+    python benchmarks/bench_decode.py [--parts rerun,placement,hot_rows] [--repeats 3] [--plot hot_rows.png]
 
 Weights are random (speed does not depend on them); the end-of-document id is set to
 an id the runs are checked not to produce early, so every run makes all its tokens. On
@@ -145,13 +151,61 @@ def part_placement(args) -> dict:
     return out
 
 
-PARTS = {"rerun": part_rerun, "placement": part_placement}
+def part_hot_rows(args) -> dict:
+    from engram_jax import data, hot_rows
+    from engram_jax.compression import compress_tokenizer
+    from train.run import run_preset
+
+    run = run_preset("tiny")
+    engram = run.model.engram
+    tokenizer = data.load_tokenizer(run.data)
+    hasher = engram.make_hasher(compress_tokenizer(tokenizer, run.data.cache_root).lookup)
+    train = data.tokenize_split(run.data, tokenizer, "train")[:2_000_000]
+    valid = data.tokenize_split(run.data, tokenizer, "validation")[:200_000]
+    chunks = lambda ids: [ids[i: i + 65_536] for i in range(0, ids.size, 65_536)]  # noqa: E731
+    calibration = hot_rows.count_rows(hasher, chunks(train), engram)
+    evaluation = hot_rows.count_rows(hasher, chunks(valid), engram)
+    batch = valid[: valid.size // BATCH * BATCH].reshape(BATCH, -1)[:, :4096]  # 8 sequences being generated
+    without = hot_rows.host_rows_read(hasher, batch, engram, None, BATCH)
+    sizes = [64, 256, 1024, 4096, 16_384, 65_536]
+    rows = {i: engram.table_rows(i) for i in engram.layer_ids}
+    table = []
+    for k in sizes:
+        hot = {i: np.argsort(-calibration[i], kind="stable")[:k] for i in engram.layer_ids}
+        table.append({"k": k, "share_of_table": {i: k / rows[i] for i in rows},
+                      "hit_rate": hot_rows.hit_rate(evaluation, calibration, k),
+                      "host_rows_per_token": hot_rows.host_rows_read(hasher, batch, engram, hot, BATCH)})
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i in engram.layer_ids:
+            ax.plot(sizes, [t["hit_rate"][i] for t in table], marker="o", label=f"layer {i} ({rows[i]:,} rows)")
+        ax.set_xscale("log")
+        ax.set_xlabel("hot rows K per layer")
+        ax.set_ylabel("share of row reads served")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("tiny: hot rows from 2M training tokens, hits on validation")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+    return {"table_rows": rows, "head_dim": engram.head_dim, "calibration_tokens": int(train.size),
+            "evaluation_tokens": int(valid.size), "host_rows_per_token_without_cache": without,
+            "bytes_per_row": engram.head_dim * 4, "by_k": table}
+
+
+PARTS = {"rerun": part_rerun, "placement": part_placement, "hot_rows": part_hot_rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plot", default="benchmarks/hot_rows.png", help="the hot_rows part's plot ('' for none)")
     args = parser.parse_args()
     machine = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}",
                "jax": jax.__version__}

@@ -23,10 +23,16 @@ from tokenizers import Tokenizer
 from engram_jax import data, model as model_lib, sharding, training
 from engram_jax.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint
 from engram_jax.compression import compress_tokenizer
+from engram_jax import hot_rows as hot_rows_lib
 from engram_jax.decode import Decoder, SamplingConfig
 from engram_jax.model import Model, ModelConfig
 from train.run import RUNTIME_FIELDS, RunConfig, make_tables
 from train.validation import Validation
+
+
+# Tokens of the training split that `--hot-rows` counts rows over (NumPy hashes ~8M
+# tokens/s on 2 cores: well under a second).
+HOT_ROW_CALIBRATION = 2_000_000
 
 
 class Trained:
@@ -98,7 +104,29 @@ class Trained:
     def decoder(self) -> Decoder:
         """The KV-cached decoding engine over this model and its tables (`engram_jax.decode`)."""
         return Decoder(self.config.model, self.variables, self.tables, self.rows, self.hasher,
-                       data.eod_id(self.tokenizer, self.config.data.eod_token))
+                       data.eod_id(self.tokenizer, self.config.data.eod_token), getattr(self, "hot_rows", None))
+
+    def use_hot_rows(self, k: int, calibration_tokens: int = HOT_ROW_CALIBRATION) -> hot_rows_lib.HotRows:
+        """Serves the k most addressed rows of each layer from device memory when generating
+        (`engram_jax.hot_rows`), counted over the first `calibration_tokens` of the run's
+        training split. For tables in host memory (`--set model.engram.placement=host`)."""
+        engram = self.config.model.engram
+        if k < 1:
+            raise ValueError(f"--hot-rows must be >= 1, got {k}")
+        if engram is None:
+            raise ValueError("--hot-rows: this model has no Engram tables")
+        if not self.tables.host:
+            raise ValueError("--hot-rows caches tables in host memory; add --set model.engram.placement=host")
+        for layer in engram.layer_ids:  # before reading the training split
+            if k > engram.table_rows(layer):
+                raise ValueError(f"--hot-rows {k:,} is larger than layer {layer}'s table of "
+                                 f"{engram.table_rows(layer):,} rows")
+        ids = data.tokenize_split(self.config.data, self.tokenizer, "train")[:calibration_tokens]
+        counts = hot_rows_lib.count_rows(self.hasher, [ids[i: i + 65_536] for i in range(0, ids.size, 65_536)],
+                                         engram)
+        self.hot_rows = hot_rows_lib.HotRows.build(counts, self.rows, engram, k)
+        self.__dict__.pop("decoder", None)  # the next generation builds a decoder with the cache
+        return self.hot_rows
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, top_k: int = 0, top_p: float = 1.0,

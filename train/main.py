@@ -191,6 +191,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
     parser.add_argument("--cache-length", type=int, help="KV cache slots per prompt (default: fitted)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hot-rows", type=int, default=0, metavar="K",
+                        help="keep each layer's K most used rows (counted over the training split) in device "
+                             "memory; for tables in host memory")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a runtime setting of the run config, e.g. model.engram.placement=host")
     parser.add_argument("--gates", metavar="PNG", help="draw the prompts' Engram gates (paper Fig. 7) to PNG")
@@ -210,6 +213,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         trained = Trained(args.checkpoint, args.step, tuple(args.set))
         info = sys.stderr if args.prompts_file and not args.output else sys.stdout  # stdout: the JSONL
         print(f"restored step {trained.step} of {trained.config.name}", file=info)
+        if args.hot_rows:
+            hot = trained.use_hot_rows(args.hot_rows)
+            print(f"hot rows: {hot.size:,} per layer in device memory", file=info)
         if not args.no_validation:
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
