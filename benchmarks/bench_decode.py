@@ -17,7 +17,11 @@ Parts (`--parts`, default all):
   distinct rows per generated token a batch of 8 reads from host memory with and
   without the cache, for K from 64 to 65,536; plotted to `--plot`.
 
-    python benchmarks/bench_decode.py [--parts rerun,placement,hot_rows] [--repeats 3] [--plot hot_rows.png]
+- `schedule`: where the host-table reads sit in the compiled decode loop's schedule
+  (host tables, batch 8): their positions among the loop body's instructions against
+  those of block 0 (before the first Engram layer) and of the first Engram block.
+
+    python benchmarks/bench_decode.py [--parts rerun,placement,hot_rows,schedule] [--repeats 3] [--plot hot_rows.png]
 
 Weights are random (speed does not depend on them); the end-of-document id is set to
 an id the runs are checked not to produce early, so every run makes all its tokens. On
@@ -198,7 +202,45 @@ def part_hot_rows(args) -> dict:
             "bytes_per_row": engram.head_dim * 4, "by_k": table}
 
 
-PARTS = {"rerun": part_rerun, "placement": part_placement, "hot_rows": part_hot_rows}
+def part_schedule(args) -> dict:
+    import re
+
+    from engram_jax import hlo
+    from engram_jax.decode import SamplingConfig
+
+    setup = Setup(1, "host")
+    d = setup.decoder
+    prompts = setup.prompts(BATCH)
+    tokens, lengths = np.asarray(prompts, np.int32), np.full(BATCH, PROMPT, np.int32)
+    first, first_logits, _, cache, context = d._prefill_jit(
+        d.variables, d.rows, None, d.hasher, tokens, lengths, jax.random.key(0), length=128, sampling=SamplingConfig())
+    text = d._loop_jit.lower(d.variables, d.rows, None, d.hasher, first, first_logits, lengths, np.ones(BATCH, bool),
+                             context, cache, jax.random.key(0), np.int32(8), np.int32(setup.eod),
+                             sampling=SamplingConfig(), return_logits=False).compile().as_text()
+    # Computations, by name; the ones whose instructions compute in host memory.
+    bodies = dict(re.findall(r"\n(%?[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", text, flags=re.S))
+    on_host = {name.lstrip("%") for name, body in bodies.items() if '_xla_compute_type="host"' in body}
+    # The decode step: the largest computation that runs block 0 and block 1 (the loop body).
+    step = max((body for body in bodies.values() if "block_0/" in body and "block_1/" in body), key=len)
+    ops = step.splitlines()
+
+    def where(pattern):
+        return [i for i, line in enumerate(ops) if re.search(pattern, line)]
+
+    host = [i for i, line in enumerate(ops) if any(f"calls=%{c}," in line or f"calls=%{c} " in line or
+                                                   line.endswith(f"calls=%{c}") for c in on_host)
+            or '_xla_compute_type="host"' in line]
+    first_engram = setup.config.engram.layer_ids[0]
+    # Attention's and Engram's own instructions (the rest of a block's may be hoisted anywhere).
+    spans = {f"block_{i}_attention": where(rf'op_name="[^"]*Model/block_{i}/[^"]*attention/')
+             for i in range(setup.config.num_layers)}
+    spans[f"block_{first_engram}_engram"] = where(rf'op_name="[^"]*Model/block_{first_engram}/engram/')
+    return {"loop_body_instructions": len(ops), "host_table_reads": host, "first_engram_block": first_engram,
+            **{k: [v[0], v[-1]] if v else None for k, v in spans.items()},
+            "note": "XLA:CPU: host and device memory are one RAM, so no host-to-device copy instruction exists"}
+
+
+PARTS = {"rerun": part_rerun, "placement": part_placement, "hot_rows": part_hot_rows, "schedule": part_schedule}
 
 
 def main() -> None:
