@@ -24,8 +24,9 @@ Two jitted programs per call, no host round trip per token:
    when every sequence is done or max_new_tokens are out.
 
 The rows of a step are looked up at the start of the step, before the blocks; the
-blocks ahead of the first Engram layer do not depend on them, so the scheduler is free
-to overlap the copy from host memory with them (not measured here: see RESULTS.md).
+blocks ahead of the first Engram layer do not depend on them, so a scheduler is free to
+overlap the copy from host memory with them. Where XLA:CPU puts them is in
+benchmarks/RESULTS.md (after block 0); on an accelerator it is not measured.
 
 Shapes: B batch, P prompt bucket, S cache length (slots), V vocabulary, H hash heads.
 mHC needs no decoding state (its maps read only the current token's stream); MoE
@@ -102,7 +103,8 @@ class Generation:
     Attributes:
       tokens: the new ids of each prompt, up to and not including the end-of-document id.
       finished: whether the prompt's generation ended with the end-of-document id.
-      steps: decode-loop iterations run (the first new token comes from the prefill).
+      steps: new-token positions filled for the batch: 1 (the prefill's token) plus the
+        decode loop's iterations.
       seconds: wall time of the call, from the host's prompts to the host's new ids
         (compilation included when the call compiled a program: `Decoder.programs`).
       logits: with `return_logits`, float32 [B, M, V]: row b, column i is the
