@@ -17,6 +17,10 @@ Parts (`--parts`, default all):
   distinct rows per generated token a batch of 8 reads from host memory with and
   without the cache, for K from 64 to 65,536; plotted to `--plot`.
 
+- `workload`: the paper's serving workload (Table 4: prompts of lengths uniform over
+  [100, 1024]) scaled to this machine: 16 prompts of lengths uniform over [16, 128],
+  64 new tokens each, in one batch; tokens/s with device and with host tables
+  (interleaved, median of `--repeats`).
 - `schedule`: where the host-table reads sit in the compiled decode loop's schedule
   (host tables, batch 8): their positions among the loop body's instructions against
   those of block 0 (before the first Engram layer) and of the first Engram block.
@@ -240,7 +244,26 @@ def part_schedule(args) -> dict:
             "note": "XLA:CPU: host and device memory are one RAM, so no host-to-device copy instruction exists"}
 
 
-PARTS = {"rerun": part_rerun, "placement": part_placement, "hot_rows": part_hot_rows, "schedule": part_schedule}
+def part_workload(args) -> dict:
+    rng = np.random.default_rng(1)
+    setups = {p: Setup(1, p) for p in ("device", "host")}
+    eod = setups["device"].eod
+    lengths = rng.integers(16, 129, 16)
+    prompts = [[eod] + rng.integers(0, eod, n - 1).tolist() for n in lengths]
+    rates = {p: [] for p in setups}
+    for s in setups.values():
+        s.decoder.generate(prompts, 64)  # compile
+    for _ in range(args.repeats):
+        for p, s in setups.items():
+            out = s.decoder.generate(prompts, 64)
+            rates[p].append(sum(len(t) for t in out.tokens) / out.seconds)
+    rate = {p: statistics.median(r) for p, r in rates.items()}
+    return {"prompts": len(prompts), "prompt_lengths": [int(n) for n in lengths], "new_tokens": 64,
+            "device_tokens_per_s": rate["device"], "host_tokens_per_s": rate["host"],
+            "host_over_device_time": rate["device"] / rate["host"]}
+
+
+PARTS = {"workload": part_workload, "rerun": part_rerun, "placement": part_placement, "hot_rows": part_hot_rows, "schedule": part_schedule}
 
 
 def main() -> None:
