@@ -211,3 +211,21 @@ def test_a_hot_row_count_larger_than_the_table_is_named():
     rows = {table.layer_key(1): np.zeros((config.engram.table_rows(1), config.engram.head_dim), np.float32)}
     with pytest.raises(ValueError, match="the hot-row count 1,000 is larger than layer 1's table of 152 rows"):
         hot_rows.HotRows.build(counts, rows, config.engram, k=1000)
+
+
+def test_an_off_by_one_position_would_be_caught(setup, greedy):
+    if setup.hasher is not None:
+        pytest.skip("checked on the setup without Engram (the cheapest to compile)")
+    d = setup.decoder
+    tokens = np.zeros((4, 16), np.int32)  # the batch and prompt buckets of `greedy`: no new prefill
+    for b, prompt in enumerate(PROMPTS):
+        tokens[b, : len(prompt)] = prompt
+    lengths = np.asarray([len(p) for p in PROMPTS] + [1], np.int32)
+    first, _, _, cache, context = d._prefill_jit(d.variables, d.rows, None, None, tokens, lengths,
+                                                 jax.random.fold_in(jax.random.key(0), 0), length=64,
+                                                 sampling=SamplingConfig())
+    step = jax.jit(d._step)
+    for shift, close in ((0, True), (1, False)):  # the first token fed at its position, or one slot later
+        logits, _, _ = step(d.variables, d.rows, None, None, first, jnp.asarray(lengths + shift), context, cache)
+        error = _relative(np.asarray(logits)[:3], greedy.logits[:, 1])
+        assert (error < TOLERANCE) if close else (error > 100 * TOLERANCE), (shift, error)
