@@ -2,7 +2,7 @@
 and host against device tables. Prints one JSON object per part.
 
 Parts (`--parts`, default all):
-- `rerun`: one prompt, greedy, 64 and 256 new tokens: tokens/s of `engram_jax.Decoder`
+- `rerun`: one prompt, greedy, 64 and 256 new tokens (`--new-tokens`): tokens/s of `engram_jax.Decoder`
   against the generation `Trained.generate` did before it (`prefix_rerun` below: the
   whole fixed-length buffer through the model for every new token, the newest token's
   window hashed on the host between device calls). Compilation is left out of both.
@@ -122,7 +122,7 @@ def prefix_rerun(setup: Setup, prompt: list[int], new: int) -> tuple[float, int]
 def part_rerun(args) -> dict:
     setup = Setup()
     out = {}
-    for new in (64, 256):
+    for new in (int(n) for n in args.new_tokens.split(",")):
         prompt = setup.prompts(1)
         rerun_s, rerun_n = prefix_rerun(setup, prompt[0], new)
         cached_s, cached_n = setup.cached(prompt, new)
@@ -270,6 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", default="64,256", help="the rerun part's lengths")
     parser.add_argument("--plot", default="benchmarks/hot_rows.png", help="the hot_rows part's plot ('' for none)")
     args = parser.parse_args()
     machine = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}",
