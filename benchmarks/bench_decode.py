@@ -209,7 +209,6 @@ def part_hot_rows(args) -> dict:
 def part_schedule(args) -> dict:
     import re
 
-    from engram_jax import hlo
     from engram_jax.decode import SamplingConfig
 
     setup = Setup(1, "host")

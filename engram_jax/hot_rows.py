@@ -21,7 +21,6 @@ Shapes: B batch, T time, H heads, K hot rows, Dh row width.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 import chex
