@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 from engram_jax import configs
@@ -219,34 +220,92 @@ def prepare_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a text file (one prompt each)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    prompts = [line for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompt")
+    return prompts
+
+
+def _generate(trained, prompts: list[str], args, sampling) -> list[str]:
+    """Generates the batch and prints its tokens/s (to stderr with --prompts-file to stdout)."""
+    compiled_before = trained.decoder.programs()
+    texts = trained.generate(prompts, args.max_new_tokens, sampling.temperature, args.seed, sampling.top_k,
+                             sampling.top_p, args.cache_length)
+    out = trained.last_generation
+    new = sum(len(t) for t in out.tokens)
+    note = " (including compilation)" if trained.decoder.programs() != compiled_before else ""
+    where = sys.stderr if args.prompts_file and not args.output else sys.stdout
+    print(f"generated {new} tokens for {len(prompts)} prompts in {out.seconds:.2f} s: "
+          f"{new / max(out.seconds, 1e-9):.1f} tokens/s{note}", file=where)
+    return texts
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engram-eval", description="Evaluate a trained Engram model.")
     parser.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step folder")
     parser.add_argument("--step", type=int, help="which step (default: the latest)")
-    parser.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="text to continue (repeatable: the prompts are generated as one batch)")
+    parser.add_argument("--prompts-file", metavar="TXT",
+                        help="one prompt per line (blank lines skipped), generated as one batch; writes JSONL")
+    parser.add_argument("--output", metavar="JSONL", help="where --prompts-file writes (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--cache-length", type=int, help="KV cache slots per prompt (default: fitted)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hot-rows", type=int, default=0, metavar="K",
+                        help="keep each layer's K most used rows (counted over the training split) in device "
+                             "memory; for tables in host memory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a runtime setting of the run config, e.g. model.engram.placement=host")
     parser.add_argument("--gates", metavar="PNG", help="draw the prompts' Engram gates (paper Fig. 7) to PNG")
     parser.add_argument("--gate-layer", type=int, help="Engram layer to draw (default: the first)")
     parser.add_argument("--gate-branch", default="mean", help="branch to draw, or 'mean'")
     parser.add_argument("--no-validation", action="store_true", help="skip the validation metrics")
     args = parser.parse_args(argv)
     try:
+        from engram_jax.decode import SamplingConfig
         from train.evaluate import Trained, gate_picture
 
         _setup_logging()
-        trained = Trained(args.checkpoint, args.step)
-        print(f"restored step {trained.step} of {trained.config.name}")
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        file_prompts = _read_prompts(args.prompts_file) if args.prompts_file else []
+        trained = Trained(args.checkpoint, args.step, tuple(args.set))
+        info = sys.stderr if args.prompts_file and not args.output else sys.stdout  # stdout: the JSONL
+        print(f"restored step {trained.step} of {trained.config.name}", file=info)
+        if args.hot_rows:
+            hot = trained.use_hot_rows(args.hot_rows)
+            print(f"hot rows: {hot.size:,} per layer in device memory", file=info)
         if not args.no_validation:
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
-                  f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte")
+                  f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte", file=info)
             dropped = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_") and "dropped" in k}
             if dropped:
                 print(f"dropped by full buckets in validation: {_drops(dropped)}")
-        for prompt in args.prompt:
-            print(f"--- {prompt!r}\n{trained.generate(prompt, args.max_new_tokens, args.temperature, args.seed)}")
+        if args.prompt:
+            texts = _generate(trained, args.prompt, args, sampling)
+            for prompt, text in zip(args.prompt, texts):
+                print(f"--- {prompt!r}\n{text}")
+        if file_prompts:
+            texts = _generate(trained, file_prompts, args, sampling)
+            out = trained.last_generation
+            lines = [json.dumps({"prompt": p, "text": t, "new_tokens": len(n), "finished": f})
+                     for p, t, n, f in zip(file_prompts, texts, out.tokens, out.finished)]
+            if args.output:
+                pathlib.Path(args.output).write_text("".join(line + "\n" for line in lines))
+                print(f"wrote {len(lines)} generations to {args.output}")
+            else:
+                print("\n".join(lines))
         if args.gates:
             prompts = args.prompt or ["import numpy as np", "def __init__(self, config):", "for i in range(len(x)):"]
             path = gate_picture(trained, prompts, args.gates, args.gate_layer, args.gate_branch)

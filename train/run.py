@@ -40,7 +40,7 @@ from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
 from engram_jax.table import Tables
 from train import preemption
-from train.evaluate import Validation
+from train.validation import Validation
 
 log = logging.getLogger("engram_jax.train")
 

@@ -254,10 +254,10 @@ class Pipeline:
         return self.iterator()
 
 
-def tokenize_split(config: DataConfig, tokenizer: Tokenizer, split: str) -> np.ndarray:
-    """The split's whole token stream, int32 [N]: tok(d_1) EOD tok(d_2) EOD ... (from the
-    store, in memory: for tests and small corpora)."""
-    return token_store(config, tokenizer).tokens(split)
+def tokenize_split(config: DataConfig, tokenizer: Tokenizer, split: str, limit: int | None = None) -> np.ndarray:
+    """The split's token stream, int32 [N]: tok(d_1) EOD tok(d_2) EOD ..., or its first
+    `limit` ids (from the store, prepared on first use; in memory)."""
+    return token_store(config, tokenizer).tokens(split, limit)
 
 
 def bytes_per_token(config: DataConfig, tokenizer: Tokenizer, split: str = "validation") -> float:

@@ -487,9 +487,16 @@ class TokenStore:
             raise StoreError(f"the {split!r} split of the token store {self.path} is empty")
         return s["bytes"] / s["tokens"]
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's whole token stream, int32 [N] (in memory: for tests and small corpora)."""
-        parts = [np.fromfile(self.path / f"{s['name']}.tokens", self.dtype) for s in self.shards(split)]
+    def tokens(self, split: str, limit: int | None = None) -> np.ndarray:
+        """The split's token stream, int32 [N], or its first `limit` ids (read into memory:
+        the whole stream only for tests and small corpora)."""
+        parts, left = [], limit
+        for s in self.shards(split):
+            if left is not None and left <= 0:
+                break
+            count = s["tokens"] if left is None else min(left, s["tokens"])
+            parts.append(np.fromfile(self.path / f"{s['name']}.tokens", self.dtype, count=count))
+            left = None if left is None else left - count
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
     def document_ends(self, split: str) -> np.ndarray:
