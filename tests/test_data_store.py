@@ -94,6 +94,8 @@ def test_store_streams_equal_the_in_memory_tokenization(config, tok, store):
     assert store.bytes_per_token("validation") == pytest.approx(
         sum(len(d.encode()) for d in docs) / len(_stream(tok, docs)), rel=1e-12)
     assert store.manifest["dtype"] == "<u2" and store.dtype == np.uint16
+    first = store.shards("train")[0]["tokens"]
+    np.testing.assert_array_equal(store.tokens("train", limit=first + 5), store.tokens("train")[: first + 5])
 
 
 def test_windows_across_shard_ends_equal_the_stream(store):
