@@ -177,10 +177,10 @@ class _Progress:
             log.info("%s", self.line())
 
 
-def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: int, out: Path,
-                  progress: _Progress) -> dict:
-    """Tokenizes one part into its shards; returns its ledger."""
-    enc, dtype = encoder(tokenizer), token_dtype(tokenizer)
+def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, enc: Tokenizer, eod: int, out: Path,
+                  progress: _Progress, pool: ThreadPoolExecutor) -> dict:
+    """Tokenizes one part into its shards (encoding in `pool`'s one thread); returns its ledger."""
+    dtype = token_dtype(tokenizer)
     writers: dict[str, _ShardWriter] = {}
     eod_array = np.array([eod], dtype)
     batch: list[tuple[str, str, bool]] = []  # (split, piece, ends its document)
@@ -227,8 +227,6 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
         pending, batch, chars = submitted, [], 0
         progress.bytes = base_bytes + reading.bytes
         progress.update()
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="engram-encode")
     try:
         for doc in sources.documents(the_plan, part, reading):
             split = sources.split_of(doc, the_plan.val_fraction)
@@ -262,11 +260,11 @@ def _prepare_part(the_plan: sources.Plan, part: int, tokenizer: Tokenizer, eod: 
                 writers[to].bytes = text_bytes
         shards = {split: writers[split].finish() for split in SPLITS if split in writers}
     except BaseException:
+        if pending is not None:
+            pending[1].cancel()
         for writer in writers.values():
             writer.close()
         raise
-    finally:
-        pool.shutdown(cancel_futures=True)
     progress.bytes = base_bytes + reading.bytes
     return {"part": part, "shards": shards, "source_bytes": reading.bytes, "file_sha256": reading.digests()}
 
@@ -347,11 +345,15 @@ def prepare(config: DataConfig, tokenizer: Tokenizer, out: str | os.PathLike | N
         log.info("%s: %d of %d parts already prepared, resuming", out, len(mine) - len(todo), len(mine))
     progress = _Progress(sum(the_plan.part_bytes(p) for p in todo), log_every_s, f"preparing {out.name}")
     (out / "parts").mkdir(exist_ok=True)
-    for done, part in enumerate(todo):
-        if stop_after_parts is not None and done >= stop_after_parts:
-            return None
-        ledger = _prepare_part(the_plan, part, tokenizer, eod, out, progress)
-        atomic_write(_ledger_path(out, part), lambda f: f.write(json.dumps(ledger, indent=1).encode()))
+    # One encoder and one encoding thread for every part: a new thread per part gets a new
+    # malloc arena, and the freed batches of each stayed in the RSS (0.73 GB at 1.2 GB of text).
+    enc = encoder(tokenizer)
+    with ThreadPoolExecutor(1, thread_name_prefix="engram-encode") as pool:
+        for done, part in enumerate(todo):
+            if stop_after_parts is not None and done >= stop_after_parts:
+                return None
+            ledger = _prepare_part(the_plan, part, tokenizer, enc, eod, out, progress, pool)
+            atomic_write(_ledger_path(out, part), lambda f: f.write(json.dumps(ledger, indent=1).encode()))
     if todo:
         progress.update(force=True)
     missing = [p for p in range(len(the_plan.parts)) if _finished(out, p, dtype) is None]
