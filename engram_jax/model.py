@@ -225,11 +225,13 @@ class Block(nn.Module):
     """One block: optional Engram, then attention, then a dense FFN or a MoE.
 
     `mesh`: where the MoE runs expert-parallel (see `moe.MoE`); None for one device.
+    `engram_off`: Engram's output is replaced by zeros (an inference-time ablation).
     """
 
     config: ModelConfig
     layer: int
     mesh: Mesh | None = None
+    engram_off: bool = False
 
     def sublayer(self, x: jnp.ndarray, f, name: str) -> jnp.ndarray:
         """Applies f to the stream read from x and writes its output back: [B, T, G, D]."""
@@ -251,7 +253,12 @@ class Block(nn.Module):
             # Recomputed on its own too: its [B, T, G, D] float32 norms are the largest
             # activations of a block, and need not coexist with attention's and the FFN's
             # in the block's backward (measured on `small`: 7.3 -> 5.5 GiB of temporaries).
-            engram = _remat_class(Engram, cfg.remat)(cfg.engram, self.layer, dtype, param_dtype, name="engram")
+            layer = _remat_class(Engram, cfg.remat)(cfg.engram, self.layer, dtype, param_dtype, name="engram")
+
+            def engram(h, memory):  # switched off: Y = 0, the rest of the block unchanged
+                y = layer(h, memory)
+                return jnp.zeros_like(y) if self.engram_off else y
+
             if cfg.engram.multi_branch or cfg.branches == 1:
                 x = x + engram(x, memory)  # every branch gated by its own state (eq. 6)
             else:  # ablation: one gate on the stream read by H_pre, written back by mHC
@@ -301,10 +308,15 @@ class Model(nn.Module):
       mesh: the device mesh of the train step, for expert parallelism (its `expert`
         axis also sets how many experts the MoE kernels store, `MoEConfig.padded_experts`);
         None for one device.
+      engram_off: Engram layer ids whose output Y is replaced by zeros, at inference
+        (paper Fig. 6): the same variables, every other computation unchanged (gates are
+        still computed and sown). With single-branch fusion (`multi_branch=False`,
+        G > 1) Engram's mHC sublayer then writes zeros, so its H_res mixing remains.
     """
 
     config: ModelConfig
     mesh: Mesh | None = None
+    engram_off: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
@@ -336,6 +348,9 @@ class Model(nn.Module):
                 raise ValueError(f"{name} must be an integer array shaped like tokens {tokens.shape}, "
                                  f"got {ids.dtype} {ids.shape}")
         memory = dict(memory or {})
+        engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
+        if any(i not in engram_layers for i in self.engram_off):
+            raise ValueError(f"engram_off {list(self.engram_off)}: Engram layers are {list(engram_layers)}")
         if cfg.engram is not None:
             missing = [i for i in cfg.engram.layer_ids if i not in memory]
             if missing:
@@ -355,7 +370,8 @@ class Model(nn.Module):
         for first, count in cfg.block_groups:
             name = group_name(first, count)
             if count == 1:
-                x = block(cfg, first, self.mesh, name=name)(x, memory.get(first), segment_ids, positions)
+                x = block(cfg, first, self.mesh, first in self.engram_off, name=name)(
+                    x, memory.get(first), segment_ids, positions)
                 continue
             # Every collection gets a leading axis of `count` layers: params, the MoE
             # biases [L, E] and the sown intermediates (expert loads [L, E]).

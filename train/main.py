@@ -162,14 +162,32 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-layer", type=int, help="Engram layer to draw (default: the first)")
     parser.add_argument("--gate-branch", default="mean", help="branch to draw, or 'mean'")
     parser.add_argument("--no-validation", action="store_true", help="skip the validation metrics")
+    parser.add_argument("--engram-off", nargs="?", const="all", metavar="LAYERS",
+                        help="also score with Engram's output zeroed at every Engram layer, or at the given "
+                             "comma-separated layer ids; prints on, off and the fraction kept (paper Fig. 6) "
+                             "and writes <run>/eval/engram_off.json")
+    parser.add_argument("--corpus", action="append", default=[], metavar="PATH",
+                        help="with --engram-off: another corpus whose held-out split is also scored (repeatable)")
     args = parser.parse_args(argv)
+    if args.corpus and args.engram_off is None:
+        parser.error("--corpus needs --engram-off")
     try:
         from train.evaluate import Trained, gate_picture
 
         _setup_logging()
         trained = Trained(args.checkpoint, args.step)
         print(f"restored step {trained.step} of {trained.config.name}")
-        if not args.no_validation:
+        if args.engram_off is not None:
+            from train import engram_off
+
+            off = engram_off.engram_off_layers(trained.config.model, engram_off.parse_layers(args.engram_off))
+            rows = [] if args.no_validation else engram_off.validation_comparison(trained, off, args.corpus)
+            print(engram_off.format_table(rows, off))
+            path = engram_off.write_json(engram_off.results_folder(args.checkpoint) / "engram_off.json",
+                                         {"step": trained.step, "engram_off": list(off),
+                                          "scores": [r.to_dict() for r in rows]})
+            print(f"engram-off results: {path}")
+        elif not args.no_validation:
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
                   f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte")
