@@ -150,6 +150,15 @@ def _drops(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,} {units[k.split('/')[0]]}" for k, v in sorted(counts.items()))
 
 
+def _import_lm_eval_model():
+    """train.lm_eval_model, or a one-line error when lm-eval is not installed."""
+    try:
+        from train import lm_eval_model
+    except ImportError as err:
+        raise ValueError(f"--tasks needs lm-eval ({err}): pip install -e \".[eval]\"") from None
+    return lm_eval_model
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engram-eval", description="Evaluate a trained Engram model.")
     parser.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step folder")
@@ -168,20 +177,59 @@ def eval_main(argv: list[str] | None = None) -> int:
                              "and writes <run>/eval/engram_off.json")
     parser.add_argument("--corpus", action="append", default=[], metavar="PATH",
                         help="with --engram-off: another corpus whose held-out split is also scored (repeatable)")
+    tasks = parser.add_argument_group("lm-evaluation-harness (pip install -e \".[eval]\")")
+    tasks.add_argument("--tasks", metavar="TASK,...", help="lm-eval tasks to score (comma-separated); results "
+                       "JSON in <run>/eval/, with --engram-off also scored with Engram off")
+    tasks.add_argument("--limit", type=float, help="lm-eval's --limit: examples per task (a fraction if < 1)")
+    tasks.add_argument("--num-fewshot", type=int, help="lm-eval's --num-fewshot")
+    tasks.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAMLs")
+    tasks.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    tasks.add_argument("--max-length", type=int, help="longest sequence scored (default: the run's seq_len)")
     args = parser.parse_args(argv)
     if args.corpus and args.engram_off is None:
         parser.error("--corpus needs --engram-off")
+    lm_eval_only = ("--limit", args.limit), ("--num-fewshot", args.num_fewshot), ("--include-path", args.include_path)
+    if not args.tasks and any(v is not None for _, v in lm_eval_only):
+        parser.error(", ".join(k for k, v in lm_eval_only if v is not None) + " needs --tasks")
     try:
         from train.evaluate import Trained, gate_picture
 
+        from train import engram_off
+
+        task_names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+        if args.tasks is not None:
+            lm_eval_model = _import_lm_eval_model()
+            if not task_names:
+                raise ValueError("--tasks: no task names given")
+            lm_eval_model.check_tasks(task_names, args.include_path)  # before the checkpoint is read
         _setup_logging()
         trained = Trained(args.checkpoint, args.step)
         print(f"restored step {trained.step} of {trained.config.name}")
-        if args.engram_off is not None:
-            from train import engram_off
-
-            off = engram_off.engram_off_layers(trained.config.model, engram_off.parse_layers(args.engram_off))
-            rows = [] if args.no_validation else engram_off.validation_comparison(trained, off, args.corpus)
+        off = (engram_off.engram_off_layers(trained.config.model, engram_off.parse_layers(args.engram_off))
+               if args.engram_off is not None else None)
+        rows = []
+        if task_names:
+            results = {}
+            for which, layers in (("on", ()), ("off", off)) if off else (("on", ()),):
+                model = lm_eval_model.EngramLM(trained=trained, batch_size=args.batch_size,
+                                               max_length=args.max_length, engram_off=layers)
+                results[which] = lm_eval_model.evaluate(model, task_names, limit=args.limit,
+                                                        num_fewshot=args.num_fewshot, include_path=args.include_path)
+                print(f"--- lm-eval, Engram {which}" if off else "--- lm-eval")
+                print(lm_eval_model.format_scores(results[which]))
+            if off:
+                on_scores = {(t, m): (v, b) for t, m, v, _, b in lm_eval_model.scores(results["on"])}
+                rows += [engram_off.Comparison(t, m, on_scores[t, m][0], v, b)
+                         for t, m, v, _, b in lm_eval_model.scores(results["off"]) if (t, m) in on_scores]
+            name = f"lm_eval_step{trained.step}.json"
+            path = lm_eval_model.write_results(
+                engram_off.results_folder(args.checkpoint) / name,
+                {"step": trained.step, "tasks": task_names, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                 "engram_off": list(off) if off else None, **results})
+            print(f"lm-eval results: {path}")
+        if off is not None:
+            if not args.no_validation:
+                rows = engram_off.validation_comparison(trained, off, args.corpus) + rows
             print(engram_off.format_table(rows, off))
             path = engram_off.write_json(engram_off.results_folder(args.checkpoint) / "engram_off.json",
                                          {"step": trained.step, "engram_off": list(off),
