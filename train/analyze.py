@@ -114,6 +114,8 @@ def plot_logit_lens(result: dict, path: pathlib.Path) -> pathlib.Path:
     kl_ax.set(xlabel="layer", ylabel="KL(final || layer), nats", title="LogitLens: KL to the final distribution")
     top_ax.set(xlabel="layer", ylabel="top-1 agreement", title="LogitLens: top-1 agrees with the final", ylim=(0, 1.02))
     kl_ax.legend()
+    for ax in (kl_ax, top_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,6 +137,8 @@ def plot_cka(result: dict, path: pathlib.Path) -> pathlib.Path:
     ax.set(xlabel=f"baseline layer ({result['baseline']['name']})", ylabel=f"Engram layer ({result['engram']['name']})",
            title="linear CKA")
     ax.legend(loc="upper left", fontsize=8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
