@@ -53,10 +53,10 @@ def test_engram_off_equals_a_model_whose_engram_output_is_zero(multi_branch, lay
         lambda p, x: x + 0.3 if "short_conv" in jax.tree_util.keystr(p) and "kernel" in jax.tree_util.keystr(p) else x,
         variables)
     tokens, memory = inputs(config)
-    off = Model(config, engram_off=layers).apply(variables, tokens, memory)  # [B, T, V]
-    zeroed = Model(config).apply({**variables, "params": zero_value_projection(variables["params"], layers)},
-                                 tokens, memory)
-    on = Model(config).apply(variables, tokens, memory)
+    apply, apply_off = jax.jit(Model(config).apply), jax.jit(Model(config, engram_off=layers).apply)
+    off = apply_off(variables, tokens, memory)  # [B, T, V]
+    zeroed = apply({**variables, "params": zero_value_projection(variables["params"], layers)}, tokens, memory)
+    on = apply(variables, tokens, memory)
     chex.assert_trees_all_close(off, zeroed, atol=1e-6, rtol=1e-6)
     assert float(jnp.abs(off - on).max()) > 1e-3  # Engram's output mattered
 
@@ -65,15 +65,12 @@ def test_switching_off_one_layer_differs_from_all_and_from_none():
     config = two_engram_layers()
     variables = nn.unbox(Model(config).init(jax.random.key(0), *dummy_inputs(config)))
     tokens, memory = inputs(config)
-    out = {layers: np.asarray(Model(config, engram_off=layers).apply(variables, tokens, memory))
+    out = {layers: np.asarray(jax.jit(Model(config, engram_off=layers).apply)(variables, tokens, memory))
            for layers in [(), (0,), (2,), (0, 2)]}
     for a in out:
         for b in out:
             if a != b:
                 assert np.abs(out[a] - out[b]).max() > 1e-4, (a, b)
-    # Causal: switching off layer 2 changes nothing upstream, so the first position's
-    # logits still differ only through layer 2's own output.
-    assert np.isfinite(out[(0, 2)]).all()
 
 
 def test_engram_off_needs_engram_layers():

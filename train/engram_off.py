@@ -101,8 +101,13 @@ def validation_metrics(trained, engram_off: tuple[int, ...] = (), source: str | 
     config = trained.config
     if source is not None:
         config = config.replace(data=config.data.replace(source=source))
-    evaluate = jax.jit(functools.partial(training.eval_step, config=config.model, tables=trained.tables,
-                                         mesh=trained.mesh, engram_off=tuple(engram_off)))
+    # One jitted step per model and set of layers, whatever the corpus: compiled once.
+    steps = trained.__dict__.setdefault("_engram_off_steps", {})
+    key = tuple(engram_off)
+    if key not in steps:
+        steps[key] = jax.jit(functools.partial(training.eval_step, config=config.model, tables=trained.tables,
+                                               mesh=trained.mesh, engram_off=key))
+    evaluate = steps[key]
     v = trained.variables
     return Validation(config, trained.tokenizer, trained.hasher).metrics(
         lambda batch: evaluate(v["params"], v["moe_bias"], trained.rows, batch), trained.mesh)
