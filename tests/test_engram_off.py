@@ -134,3 +134,24 @@ def test_engram_off_bad_input_is_one_line(capsys, engram, args, message):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"engram-eval: error: {message}"), lines
+
+
+def test_tasks_without_lm_eval_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from train.main import eval_main
+
+    monkeypatch.setitem(sys.modules, "train.lm_eval_model", None)  # as if lm-eval were not installed
+    assert eval_main(["--checkpoint", "nowhere", "--tasks", "hellaswag"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("engram-eval: error: --tasks needs lm-eval (") and \
+        lines[0].endswith('pip install -e ".[eval]"'), lines
+
+
+def test_engram_off_with_nothing_to_score_is_refused(capsys):
+    from train.main import eval_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--checkpoint", "nowhere", "--engram-off", "--no-validation"])
+    assert exit_info.value.code == 2
+    assert "--engram-off with --no-validation needs --tasks" in capsys.readouterr().err

@@ -188,6 +188,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.corpus and args.engram_off is None:
         parser.error("--corpus needs --engram-off")
+    if args.engram_off is not None and args.no_validation and not args.tasks:
+        parser.error("--engram-off with --no-validation needs --tasks: there is nothing else to score")
     lm_eval_only = ("--limit", args.limit), ("--num-fewshot", args.num_fewshot), ("--include-path", args.include_path)
     if not args.tasks and any(v is not None for _, v in lm_eval_only):
         parser.error(", ".join(k for k, v in lm_eval_only if v is not None) + " needs --tasks")
