@@ -1,7 +1,8 @@
-"""Ablations of Engram's parts (paper Fig. 5): each variant against the default, same steps and data.
+"""Ablations of Engram's parts (paper Fig. 5), or its table size alone (Fig. 3 right), at the same steps and data.
 
     python benchmarks/sweep_ablations.py                                 # every variant, tiny, 400 steps, seed 0
     python benchmarks/sweep_ablations.py --variants default,no_gating --steps 200
+    python benchmarks/sweep_ablations.py --sweep table_size              # rows x 1/4 .. 16, backbone fixed
     python benchmarks/sweep_ablations.py --redraw                        # one plot of what is recorded
 
 Each variant is `--set` overrides of the preset (below). Every run is a plain `train()`
@@ -9,7 +10,8 @@ Each variant is `--set` overrides of the preset (below). Every run is a plain `t
 batches for all), recorded to `--record` (default `benchmarks/runs/ablations`) as
 `<preset>_<variant>_steps<steps>_seed<seed>/` (config and metrics). Prints one JSON
 object with every variant's final validation loss and its difference from the
-default's, and draws them as bars into `--out`.
+default's (rows_x1 for the table sweep), and draws them into `--out` (bars, or loss
+against rows on a log axis). The variants' overrides are written for `tiny`'s Engram.
 
 Caveats, for reading the numbers: the N-gram order variants keep the total table rows
 of the preset's two orders and the width per order, so their memory vector d_mem (and
@@ -44,6 +46,28 @@ VARIANTS = {
     "layers_2_3": ["model.engram.layer_ids=2,3"],
 }
 
+# The table alone from 1/4 to 16 times the preset's rows per head (backbone fixed):
+# base sizes of both orders scaled (each head then takes its own prime above the base).
+TABLE_SCALES = (0.25, 0.5, 1, 2, 4, 8, 16)
+TINY_ROWS = 10_007
+TABLE_SIZE_VARIANTS = {f"rows_x{m:g}": [f"model.engram.table_sizes={round(TINY_ROWS * m)},{round(TINY_ROWS * m)}"]
+                       for m in TABLE_SCALES}
+
+
+def draw_table_size(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
+    """Final validation loss against rows per head, on a log axis."""
+    points = sorted((round(TINY_ROWS * float(v.removeprefix("rows_x"))), f) for v, f in finals.items())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot([r for r, _ in points], [f for _, f in points], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("base rows per hash head (each order)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
 
 def draw_bars(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
     """Final validation loss per variant, the default's as a dashed line."""
@@ -65,7 +89,9 @@ def draw_bars(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="a preset whose Engram matches VARIANTS' overrides")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--sweep", choices=("ablations", "table_size"), default="ablations")
+    parser.add_argument("--variants", help="comma-separated subset (default: all of the sweep's), of: "
+                        + ", ".join([*VARIANTS, *TABLE_SIZE_VARIANTS]))
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="key=value for every run")
@@ -73,10 +99,13 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/ablations.png"))
     parser.add_argument("--redraw", action="store_true", help="train nothing: redraw from the recorded runs")
     args = parser.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    table = VARIANTS if args.sweep == "ablations" else TABLE_SIZE_VARIANTS
+    variants = [v for v in (args.variants or ",".join(table)).split(",") if v]
+    unknown = [v for v in variants if v not in table]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown {args.sweep} variant(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    if args.sweep == "table_size" and args.out == pathlib.Path("benchmarks/ablations.png"):
+        args.out = pathlib.Path("benchmarks/table_size.png")
     lr = run_preset(args.config).optim.learning_rate
 
     runs = {}
@@ -88,15 +117,18 @@ def main() -> None:
                 continue
             runs[variant] = _recorded_final(record)
         else:
-            run_args = argparse.Namespace(steps=args.steps, overrides=[*VARIANTS[variant], *args.overrides])
+            run_args = argparse.Namespace(steps=args.steps, overrides=[*table[variant], *args.overrides])
             runs[variant] = _train_and_record(args.config, args.seed, lr, run_args, record)
             print(json.dumps({"run": label, **runs[variant]}), flush=True)
     if not runs:
         raise SystemExit(f"--redraw: no recorded run of these variants in {args.record}")
     finals = {v: r["val_loss"] for v, r in runs.items()}
-    draw_bars(finals, f"{args.config}: Engram ablations, {args.steps} steps, seed {args.seed}", args.out)
-    default = finals.get("default")
-    print(json.dumps({"benchmark": "sweep_ablations", "config": args.config, "steps": args.steps, "seed": args.seed,
+    if args.sweep == "ablations":
+        draw_bars(finals, f"{args.config}: Engram ablations, {args.steps} steps, seed {args.seed}", args.out)
+    else:
+        draw_table_size(finals, f"{args.config}: table size alone, {args.steps} steps, seed {args.seed}", args.out)
+    default = finals.get("default", finals.get("rows_x1"))
+    print(json.dumps({"benchmark": f"sweep_{args.sweep}", "config": args.config, "steps": args.steps, "seed": args.seed,
                       "overrides": args.overrides, "runs": runs,
                       "minus_default": {v: f - default for v, f in finals.items()} if default is not None else None,
                       "plot": str(args.out)}, indent=1))
