@@ -1,10 +1,10 @@
 """Ablations of Engram's parts (paper Fig. 5), or its table size alone (Fig. 3 right), at the same steps and data.
 
-    python benchmarks/sweep_ablations.py                                 # every variant, tiny, 400 steps, seed 0
-    python benchmarks/sweep_ablations.py --variants default,no_gating --steps 200
-    python benchmarks/sweep_ablations.py --sweep table_size              # rows x 1/4 .. 16, backbone fixed
-    python benchmarks/sweep_ablations.py --sweep allocation --seed 1     # memory's share of the sparse budget
-    python benchmarks/sweep_ablations.py --redraw                        # one plot of what is recorded
+    python benchmarks/sweep_engram.py                                 # every variant, tiny, 400 steps, seed 0
+    python benchmarks/sweep_engram.py --variants default,no_gating --steps 200
+    python benchmarks/sweep_engram.py --sweep table_size              # rows x 1/4 .. 16, backbone fixed
+    python benchmarks/sweep_engram.py --sweep allocation --seed 1     # memory's share of the sparse budget
+    python benchmarks/sweep_engram.py --redraw                        # one plot of what is recorded
 
 Each variant is `--set` overrides of the preset (below). Every run is a plain `train()`
 (compare_engram.py's `_train_and_record`: the same data order, tokenizer and validation
