@@ -24,8 +24,15 @@ MLA, widths d_n (no rotary), d_r (rotary), d_v (value), ranks r_q, r_kv:
 The mask lets query t see key s iff s <= t and, given segment ids, seg_s = seg_t: a
 token of a packed window attends only to earlier tokens of its own document.
 
-The keys and values are expanded per head (the training form); the absorbed,
-latent-cache form of MLA is an inference optimisation and not implemented here.
+The keys and values are expanded per head (the training form). Given a cache
+(decoding, `engram_jax.decode`), each call writes its tokens' keys into the cache at
+their positions and attends over the cache: MHA/GQA cache the rotated keys and the
+values [B, S, Hkv, d]; MLA caches only the normalised latent c_kv [B, S, r_kv] and the
+shared rotary key [B, S, d_r] (DeepSeek-V2 section 2.1.3) and attends against the latent
+directly, with W_uk absorbed into the query and W_uv applied after the weighted sum:
+
+    score_h(s) = (q_nope_h W_uk^h^T) . c_kv(s) + R(q_rope_h) . k_rope(s)
+    o_h        = (sum_s softmax(score_h)(s) c_kv(s)) W_uv^h         (W_ukv = [W_uk | W_uv])
 """
 
 from __future__ import annotations
@@ -158,6 +165,38 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float) -> jnp.ndar
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def cache_shapes(config: AttentionConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """The decoding cache of one attention layer for `batch` sequences of `length` slots.
+
+    Returns:
+      MHA/GQA `{"key": [B, S, Hkv, d], "value": [B, S, Hkv, d]}` (keys rotated);
+      MLA `{"latent": [B, S, r_kv], "rope_key": [B, S, d_r]}`, as ShapeDtypeStructs.
+    """
+    if config.kind == "mha":
+        kv = jax.ShapeDtypeStruct((batch, length, config.kv_heads, config.head_dim), dtype)
+        return {"key": kv, "value": kv}
+    return {"latent": jax.ShapeDtypeStruct((batch, length, config.kv_lora_rank), dtype),
+            "rope_key": jax.ShapeDtypeStruct((batch, length, config.qk_rope_dim), dtype)}
+
+
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """cache [B, S, ...] with new [B, T, ...] written at slots positions [B, T] (a slot
+    past the end is dropped)."""
+    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def _visible(positions: jnp.ndarray, length: int) -> jnp.ndarray:
+    """bool [B, T, S]: cache slot s is visible to the query at positions[b, t] iff s <= it."""
+    return jnp.arange(length)[None, None, :] <= positions[:, :, None]
+
+
+def _masked_softmax(scores: jnp.ndarray, visible: jnp.ndarray) -> jnp.ndarray:
+    """softmax over the last axis (slots) of float32 scores [B, T, ..., S], visible [B, T, S]."""
+    mask = visible.reshape(visible.shape[:2] + (1,) * (scores.ndim - 3) + visible.shape[2:])
+    return jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+
+
 def _causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float,
                       segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     """softmax(q k^T * scale + mask) v through `jax.nn.dot_product_attention`.
@@ -232,7 +271,9 @@ class Attention(nn.Module):
         rope = lambda a: apply_rope(a, positions, cfg.rope_theta)  # noqa: E731
         return rope(q), rope(k), v, 1 / math.sqrt(cfg.head_dim)
 
-    def _mla_qkv(self, x: jnp.ndarray, positions: jnp.ndarray):
+    def _mla_parts(self, x: jnp.ndarray, positions: jnp.ndarray):
+        """MLA's query [B, T, H, d_n + d_r] (rotary part rotated), latent c_kv [B, T, r_kv],
+        rotated shared key [B, T, 1, d_r] and the up-projection W_ukv [r_kv, H, d_n + d_v]."""
         cfg = self.config
         d, h, n, r = x.shape[-1], cfg.num_heads, cfg.qk_nope_dim, cfg.qk_rope_dim
         if cfg.q_lora_rank == 0:
@@ -246,26 +287,65 @@ class Attention(nn.Module):
         down = x @ self._kernel("kv_down", (d, cfg.kv_lora_rank + r), (EMBED, KV_LORA))  # [B, T, r_kv + d_r]
         c_kv = self._rms_norm(down[..., :cfg.kv_lora_rank], KV_LORA, "kv_norm")  # [B, T, r_kv]
         k_rope = apply_rope(down[..., None, cfg.kv_lora_rank:], positions, cfg.rope_theta)  # [B, T, 1, d_r]
-        kv = jnp.einsum("btr,rhk->bthk", c_kv, self._kernel("kv_up", (cfg.kv_lora_rank, h, n + cfg.v_head_dim),
-                                                            (KV_LORA, HEADS, HEAD_DIM)))  # [B, T, H, d_n + d_v]
+        w_ukv = self._kernel("kv_up", (cfg.kv_lora_rank, h, n + cfg.v_head_dim), (KV_LORA, HEADS, HEAD_DIM))
         q = jnp.concatenate([q[..., :n], apply_rope(q[..., n:], positions, cfg.rope_theta)], -1)
+        return q, c_kv, k_rope, w_ukv
+
+    def _mla_qkv(self, x: jnp.ndarray, positions: jnp.ndarray):
+        cfg = self.config
+        n, r = cfg.qk_nope_dim, cfg.qk_rope_dim
+        q, c_kv, k_rope, w_ukv = self._mla_parts(x, positions)
+        kv = jnp.einsum("btr,rhk->bthk", c_kv, w_ukv)  # [B, T, H, d_n + d_v]
         k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(k_rope, (*kv.shape[:3], r))], -1)  # [B, T, H, d_n + d_r]
         return q, k, kv[..., n:], 1 / math.sqrt(n + r)
 
+    def _mha_cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache: dict):
+        """Writes this chunk's keys and values at their positions, attends over the cache."""
+        q, k, v, scale = self._mha_qkv(x, positions)  # [B, T, H, d], [B, T, Hkv, d] x2
+        cache = {"key": write_cache(cache["key"], k, positions), "value": write_cache(cache["value"], v, positions)}
+        b, t, h, d = q.shape
+        hkv = cache["key"].shape[2]
+        wide = jnp.promote_types(self.dtype, jnp.float32)
+        q = q.reshape(b, t, hkv, h // hkv, d)  # [B, T, Hkv, H/Hkv, d]: head h = j * (H/Hkv) + g
+        scores = jnp.einsum("btjgd,bsjd->btjgs", q, cache["key"].astype(q.dtype),
+                            preferred_element_type=wide) * scale  # [B, T, Hkv, H/Hkv, S]
+        p = _masked_softmax(scores, _visible(positions, cache["key"].shape[1]))
+        out = jnp.einsum("btjgs,bsjd->btjgd", p.astype(self.dtype), cache["value"].astype(self.dtype))
+        return out.reshape(b, t, h, d), cache  # [B, T, H, d]
+
+    def _mla_cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache: dict):
+        """Writes this chunk's latent and rotary key, attends against the latent (absorbed)."""
+        cfg = self.config
+        n = cfg.qk_nope_dim
+        q, c_kv, k_rope, w_ukv = self._mla_parts(x, positions)
+        cache = {"latent": write_cache(cache["latent"], c_kv, positions),
+                 "rope_key": write_cache(cache["rope_key"], k_rope[:, :, 0], positions)}
+        latent, rope_key = cache["latent"].astype(self.dtype), cache["rope_key"].astype(self.dtype)
+        wide = jnp.promote_types(self.dtype, jnp.float32)
+        q_latent = jnp.einsum("bthn,rhn->bthr", q[..., :n], w_ukv[..., :n])  # [B, T, H, r_kv]: W_uk absorbed
+        scores = (jnp.einsum("bthr,bsr->bths", q_latent, latent, preferred_element_type=wide)
+                  + jnp.einsum("bthk,bsk->bths", q[..., n:], rope_key, preferred_element_type=wide))  # [B, T, H, S]
+        p = _masked_softmax(scores / math.sqrt(n + cfg.qk_rope_dim), _visible(positions, latent.shape[1]))
+        o_latent = jnp.einsum("bths,bsr->bthr", p.astype(self.dtype), latent)  # [B, T, H, r_kv]
+        return jnp.einsum("bthr,rhv->bthv", o_latent, w_ukv[..., n:]), cache  # [B, T, H, d_v]: W_uv after
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None) -> jnp.ndarray:
+                 positions: jnp.ndarray | None = None, cache: dict | None = None):
         """Attends each position to itself and the positions before it (in its segment).
 
         Args:
           x: [B, T, D] hidden states.
           segment_ids: [B, T] integer document of each token; None: the row is one
-            document.
+            document. Not with a cache.
           positions: [B, T] integer rotary position of each token (its index within its
-            document, for packed windows); None: 0..T-1.
+            document, for packed windows); None: 0..T-1. With a cache, also the slot
+            each token's key is written to.
+          cache: the decoding cache (`cache_shapes`), or None. With it, a query at
+            position p attends to every slot s <= p of its row.
 
         Returns:
-          [B, T, D] in `dtype`.
+          [B, T, D] in `dtype`; with a cache, ([B, T, D], the updated cache).
         """
         if x.ndim != 3:
             raise ValueError(f"Attention: x must be [B, T, D], got shape {x.shape}")
@@ -276,10 +356,18 @@ class Attention(nn.Module):
                 chex.assert_type(ids, int, custom_message=f"Attention: {name} must be integers")
         cfg = self.config
         x = x.astype(self.dtype)
+        w_o_shape = (cfg.num_heads, cfg.value_head_dim, x.shape[-1])
+        if cache is not None:
+            if positions is None or segment_ids is not None:
+                raise ValueError("Attention: a cache needs positions [B, T] and no segment_ids")
+            cached = self._mha_cached if cfg.kind == "mha" else self._mla_cached
+            out, cache = cached(x, positions, cache)  # [B, T, H, d_v]
+            w_o = self._kernel("out", w_o_shape, (HEADS, HEAD_DIM, EMBED), n_in=2)
+            return jnp.einsum("bthk,hkd->btd", out, w_o), cache  # [B, T, D]
         if positions is None:
             positions = jnp.arange(x.shape[1])  # [T]
         qkv = self._mha_qkv if cfg.kind == "mha" else self._mla_qkv
         q, k, v, scale = qkv(x, positions)
         out = _causal_attention(q, k, v, scale, segment_ids)  # [B, T, H, d_v]
-        w_o = self._kernel("out", (cfg.num_heads, cfg.value_head_dim, x.shape[-1]), (HEADS, HEAD_DIM, EMBED), n_in=2)
+        w_o = self._kernel("out", w_o_shape, (HEADS, HEAD_DIM, EMBED), n_in=2)
         return jnp.einsum("bthk,hkd->btd", out, w_o)  # [B, T, D]

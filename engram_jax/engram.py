@@ -225,14 +225,30 @@ class ShortConv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, u: jnp.ndarray) -> jnp.ndarray:
-        """[B, T, G, D] -> [B, T, G, D]."""
+    def __call__(self, u: jnp.ndarray, cache: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None):
+        """[B, T, G, D] -> [B, T, G, D].
+
+        With a decoding cache [B, S, G, D] of the normalised inputs and positions [B, T],
+        the inputs are written at their positions and tap i reads slot
+        position - (kernel_size - 1 - i) * dilation (zero before slot 0); returns
+        ([B, T, G, D], the updated cache).
+        """
         _, t, g, d = u.shape
         x = _branch_norm(self.eps, self.dtype, self.param_dtype, "norm")(u)
         init = nn.initializers.zeros if self.zero_init else _fan_in_uniform
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (TAPS, BRANCH, EMBED)),
                             (self.kernel_size, g, d), self.param_dtype)
         kernel = kernel.astype(self.dtype)
+        if cache is not None:
+            rows = jnp.arange(u.shape[0])[:, None]  # [B, 1]
+            cache = cache.at[rows, positions].set(x.astype(cache.dtype), mode="drop")
+            y = 0
+            for i in range(self.kernel_size):
+                slot = positions - (self.kernel_size - 1 - i) * self.dilation  # [B, T]
+                tap = cache.at[rows, jnp.maximum(slot, 0)].get(mode="clip").astype(x.dtype)  # [B, T, G, D]
+                y = y + kernel[i] * jnp.where((slot >= 0)[..., None, None], tap, 0)
+            return nn.silu(y), cache
         span = (self.kernel_size - 1) * self.dilation
         padded = jnp.pad(x, ((0, 0), (span, 0), (0, 0), (0, 0)))  # [B, span + T, G, D]
         # Tap i reads x[t - (kernel_size - 1 - i) * dilation]: PyTorch's cross-correlation.
@@ -257,16 +273,19 @@ class Engram(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: jnp.ndarray, memory: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, hidden: jnp.ndarray, memory: jnp.ndarray, cache: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None):
         """Computes Y from the hidden state and the layer's memory vectors.
 
         Args:
           hidden: [B, T, G, D] residual branches, or [B, T, D] for a single stream.
           memory: [B, T, d_mem] the rows of this layer's hash ids, concatenated over the
             heads (`table.Tables.lookup`, or `table.gather` on one device).
+          cache: decoding only: the short conv's past inputs [B, S, G, D] (`cache_shape`),
+            with positions [B, T] the slot of each token. None: the whole sequence.
 
         Returns:
-          Y with the shape of `hidden`, in `dtype`.
+          Y with the shape of `hidden`, in `dtype`; with a cache, (Y, the updated cache).
         """
         cfg = self.config
         single = hidden.ndim == 3
@@ -308,6 +327,22 @@ class Engram(nn.Module):
 
         y = u
         if cfg.short_conv:
-            y = u + ShortConv(cfg.kernel_size, cfg.dilation, cfg.conv_norm_eps, cfg.conv_zero_init,
-                              self.dtype, self.param_dtype, name="short_conv")(u)
-        return y[:, :, 0] if single else y
+            conv = ShortConv(cfg.kernel_size, cfg.dilation, cfg.conv_norm_eps, cfg.conv_zero_init,
+                             self.dtype, self.param_dtype, name="short_conv")
+            if cache is None:
+                y = u + conv(u)
+            else:
+                out, cache = conv(u, cache, positions)
+                y = u + out
+        y = y[:, :, 0] if single else y
+        return y if cache is None else (y, cache)
+
+
+def cache_shape(config: EngramConfig, batch: int, length: int, hidden_size: int, branches: int,
+                dtype=jnp.float32) -> jax.ShapeDtypeStruct | None:
+    """The decoding cache of one Engram layer: its short conv's normalised inputs
+    [B, S, G, D] (G = 1 for single-branch fusion), or None without the conv."""
+    if not config.short_conv:
+        return None
+    g = branches if config.multi_branch else 1
+    return jax.ShapeDtypeStruct((batch, length, g, hidden_size), dtype)

@@ -244,35 +244,71 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, memory: jnp.ndarray | None, segment_ids: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None) -> jnp.ndarray:
+                 positions: jnp.ndarray | None = None, cache: dict | None = None):
         """[B, T, G, D] -> [B, T, G, D]; memory [B, T, d_mem] at Engram layers; segment_ids and
-        positions [B, T] (or None) for attention."""
+        positions [B, T] (or None) for attention. With a decoding cache (`cache_shapes`),
+        returns ([B, T, G, D], the updated cache)."""
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        new_cache = {}
         if cfg.has_engram(self.layer):
             # Recomputed on its own too: its [B, T, G, D] float32 norms are the largest
             # activations of a block, and need not coexist with attention's and the FFN's
             # in the block's backward (measured on `small`: 7.3 -> 5.5 GiB of temporaries).
-            layer = _remat_class(Engram, cfg.remat)(cfg.engram, self.layer, dtype, param_dtype, name="engram")
+            engram_class = Engram if cache is not None else _remat_class(Engram, cfg.remat)
+            engram_module = engram_class(cfg.engram, self.layer, dtype, param_dtype, name="engram")
 
-            def engram(h, memory):  # switched off: Y = 0, the rest of the block unchanged
-                y = layer(h, memory)
+            def engram(h):  # switched off (engram_off): Y = 0, the rest of the block unchanged
+                if cache is None or cache.get("engram") is None:
+                    y = engram_module(h, memory)
+                else:
+                    y, new_cache["engram"] = engram_module(h, memory, cache["engram"], positions)
                 return jnp.zeros_like(y) if self.engram_off else y
 
             if cfg.engram.multi_branch or cfg.branches == 1:
-                x = x + engram(x, memory)  # every branch gated by its own state (eq. 6)
+                x = x + engram(x)  # every branch gated by its own state (eq. 6)
             else:  # ablation: one gate on the stream read by H_pre, written back by mHC
-                x = self.sublayer(x, lambda h: engram(h, memory), "engram")
+                x = self.sublayer(x, engram, "engram")
 
-        attention = Attention(cfg.attention, dtype, param_dtype, name="attention")
-        x = self.sublayer(x, lambda h: attention(_norm(cfg, "attention_norm")(h), segment_ids, positions),
-                          "attention")
+        attention_module = Attention(cfg.attention, dtype, param_dtype, name="attention")
+
+        def attention(h):
+            h = _norm(cfg, "attention_norm")(h)
+            if cache is None:
+                return attention_module(h, segment_ids, positions)
+            y, new_cache["attention"] = attention_module(h, None, positions, cache["attention"])
+            return y
+
+        x = self.sublayer(x, attention, "attention")
         if cfg.is_moe(self.layer):
             ffn = MoE(cfg.moe, dtype, param_dtype, self.mesh, name="moe")
         else:
             ffn = MLP(cfg.mlp_dim, dtype, param_dtype, name="mlp")
-        return sharding.constrain_batch(self.sublayer(x, lambda h: ffn(_norm(cfg, "ffn_norm")(h)), "ffn"),
-                                        self.mesh)
+        x = sharding.constrain_batch(self.sublayer(x, lambda h: ffn(_norm(cfg, "ffn_norm")(h)), "ffn"), self.mesh)
+        return x if cache is None else (x, new_cache)
+
+
+def cache_shapes(config: ModelConfig, batch: int, length: int) -> dict:
+    """The decoding cache of the whole model for `batch` sequences of `length` slots.
+
+    `{module name: {"attention": ..., "engram": ...}}` as ShapeDtypeStructs, one entry
+    per module of `block_groups`; a module of stacked blocks has a leading axis of its
+    layers on every array. Attention: `attention.cache_shapes`; Engram (at its layers,
+    with the short conv): `engram.cache_shape`. Cache arrays are in the compute dtype.
+    """
+    from engram_jax import attention as attention_lib, engram as engram_lib
+
+    dtype = DTYPES[config.dtype]
+    out = {}
+    for first, count in config.block_groups:
+        layer = {"attention": attention_lib.cache_shapes(config.attention, batch, length, dtype)}
+        if config.has_engram(first) and config.engram.short_conv:
+            layer["engram"] = engram_lib.cache_shape(config.engram, batch, length, config.hidden_size,
+                                                     config.branches, dtype)
+        if count > 1:
+            layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct((count, *a.shape), a.dtype), layer)
+        out[group_name(first, count)] = layer
+    return out
 
 
 def _remat_class(module: type[nn.Module], remat: str) -> type[nn.Module]:
@@ -285,6 +321,11 @@ def _remat_class(module: type[nn.Module], remat: str) -> type[nn.Module]:
 def _scanned_block(block: nn.Module, x, segment_ids, positions):
     """nn.scan's body: one block of a run (no Engram, so no memory)."""
     return block(x, None, segment_ids, positions), None
+
+
+def _scanned_cached_block(block: nn.Module, x, positions, cache):
+    """nn.scan's body while decoding: one block of a run and its own slice of the cache."""
+    return block(x, None, None, positions, cache)
 
 
 class LMHead(nn.Module):
@@ -321,7 +362,7 @@ class Model(nn.Module):
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
                  segment_ids: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
-                 return_hidden: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+                 return_hidden: bool = False, cache: dict | None = None):
         """Next-token logits (or what computes them).
 
         Args:
@@ -334,11 +375,14 @@ class Model(nn.Module):
             RoPE. None: 0..T-1.
           return_hidden: return (hidden, kernel) instead of the logits, for a loss
             computed in chunks: logits = (hidden @ kernel) as float32.
+          cache: decoding (`engram_jax.decode`): the cache of `cache_shapes`. Each token
+            is written at slot positions[b, t] and attends to the slots <= its position;
+            positions are required, segment_ids not allowed.
 
         Returns:
           [B, T, V] float32 logits; with return_hidden, the final hidden states
           [B, T, D] and the LM-head kernel [D, V] (the transposed embedding when tied),
-          both in the dtype the head computes in.
+          both in the dtype the head computes in. With a cache, (that, the new cache).
         """
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -347,6 +391,8 @@ class Model(nn.Module):
             if ids is not None and (ids.shape != tokens.shape or not jnp.issubdtype(ids.dtype, jnp.integer)):
                 raise ValueError(f"{name} must be an integer array shaped like tokens {tokens.shape}, "
                                  f"got {ids.dtype} {ids.shape}")
+        if cache is not None and (positions is None or segment_ids is not None):
+            raise ValueError("decoding with a cache needs positions [B, T] and no segment_ids")
         memory = dict(memory or {})
         engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
         if any(i not in engram_layers for i in self.engram_off):
@@ -366,28 +412,37 @@ class Model(nn.Module):
         table = sharding.constrain_replicated(embed.embedding, self.mesh)  # [V, D]
         x = sharding.constrain_batch(mhc.expand(jnp.take(table, tokens, axis=0).astype(dtype), cfg.branches),
                                      self.mesh)  # [B, T, G, D]
-        block = _remat_class(Block, cfg.remat)
+        block = _remat_class(Block, cfg.remat) if cache is None else Block  # no backward pass when decoding
+        new_cache = {}
         for first, count in cfg.block_groups:
             name = group_name(first, count)
             if count == 1:
-                x = block(cfg, first, self.mesh, first in self.engram_off, name=name)(
-                    x, memory.get(first), segment_ids, positions)
+                module = block(cfg, first, self.mesh, first in self.engram_off, name=name)
+                if cache is None:
+                    x = module(x, memory.get(first), segment_ids, positions)
+                else:
+                    x, new_cache[name] = module(x, memory.get(first), None, positions, cache[name])
                 continue
             # Every collection gets a leading axis of `count` layers: params, the MoE
             # biases [L, E] and the sown intermediates (expert loads [L, E]).
-            run = nn.scan(_scanned_block, variable_axes={"params": 0, "moe_bias": 0, "intermediates": 0},
-                          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast), length=count,
-                          metadata_params={nn.PARTITION_NAME: LAYERS})
-            x, _ = run(block(cfg, first, self.mesh, name=name), x, segment_ids, positions)  # [B, T, G, D]
+            axes = {"params": 0, "moe_bias": 0, "intermediates": 0}
+            if cache is None:
+                run = nn.scan(_scanned_block, variable_axes=axes, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast), length=count,
+                              metadata_params={nn.PARTITION_NAME: LAYERS})
+                x, _ = run(block(cfg, first, self.mesh, name=name), x, segment_ids, positions)  # [B, T, G, D]
+            else:  # the cache of each layer is scanned with its parameters
+                run = nn.scan(_scanned_cached_block, variable_axes=axes, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, 0), length=count, metadata_params={nn.PARTITION_NAME: LAYERS})
+                x, new_cache[name] = run(block(cfg, first, self.mesh, name=name), x, positions, cache[name])
         h = sharding.constrain_batch(_norm(cfg, "final_norm")(mhc.reduce(x)), self.mesh)  # [B, T, D]
         if cfg.tie_embeddings:  # nn.Embed.attend: in the parameters' dtype
             h, kernel = h.astype(DTYPES[cfg.param_dtype]), embed.embedding.T  # [B, T, D], [D, V]
         else:  # as an nn.Dense in the compute dtype
             kernel = LMHead(cfg.hidden_size, cfg.vocab_size, DTYPES[cfg.param_dtype], name="lm_head")()
             h, kernel = h.astype(dtype), kernel.astype(dtype)
-        if return_hidden:
-            return h, kernel
-        return logits_of(h, kernel)  # [B, T, V]
+        out = (h, kernel) if return_hidden else logits_of(h, kernel)  # [B, T, V]
+        return out if cache is None else (out, new_cache)
 
 
 def logits_of(hidden: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:

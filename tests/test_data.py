@@ -259,7 +259,7 @@ def test_trained_tokenizer_is_exact_cached_and_round_trips(make_config, tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("retrained despite the cache")
 
-    monkeypatch.setattr(data, "train_tokenizer", no_training)
+    monkeypatch.setattr(data.tokenizer, "train_tokenizer", no_training)
     assert data.load_tokenizer(config).to_str() == tok.to_str()
     with pytest.raises(AssertionError, match="retrained"):  # another vocab_size is another key
         data.load_tokenizer(config.replace(vocab_size=301))
@@ -435,8 +435,8 @@ def test_worker_process_yields_the_same_batches(make_config, tok, hasher):
 
 def test_stdlib_corpus_split(tmp_path):
     config = data.DataConfig(cache_dir=str(tmp_path))
-    root, files = data._source_files(config)
-    relative = [f.relative_to(root).parts for f in files]
+    files = data.sources.plan(config).files
+    relative = [f.key.split("/") for f in files]
     assert len(files) > 100
     assert not any({"site-packages", "test", "tests"} & set(parts[:-1]) for parts in relative)
     train = data.load_documents(config, "train")

@@ -161,10 +161,10 @@ def test_processes_join_as_one_run_of_8_devices(worker):
 
 def test_tokenizer_and_compression_are_built_once_by_process_0(worker, corpus):
     first, second = worker["reports"]
-    # Process 1 has its own, empty, cache: it trained no BPE and built no table, yet holds
-    # the same tokenizer and lookup as process 0 (it tokenized its data itself).
-    assert first["cache_folders"] == ["compression", "tokenizers", "tokens"]
-    assert second["cache_folders"] == ["tokens"]
+    # Process 1 has its own, empty, cache: it trained no BPE, built no table and tokenized
+    # nothing, yet holds the same tokenizer and lookup as process 0 and reads its token store.
+    assert first["cache_folders"] == ["compression", "stores", "tokenizers"]
+    assert second["cache_folders"] == []
     assert first["tokenizer_sha256"] == second["tokenizer_sha256"]
     assert first["lookup_sha256"] == second["lookup_sha256"]
     # ... and they are the tokenizer that one process alone would train.
@@ -194,7 +194,7 @@ def test_global_batch_is_the_single_process_batch_on_every_mesh(worker):
 def test_processes_reading_other_data_fail_with_one_clear_line(worker):
     for report in worker["reports"]:
         assert report["mismatch_error"] is not None
-        assert report["mismatch_error"].startswith("process 1's train token stream (sha256 ")
+        assert report["mismatch_error"].startswith("process 1's data settings (sha256 ")
         assert "differs from process 0's" in report["mismatch_error"]
         assert "\n" not in report["mismatch_error"]
 

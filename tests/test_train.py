@@ -249,6 +249,41 @@ def test_evaluation_shows_no_read_only_notice(straight):
     assert "Given directory is read only" not in result.stderr
 
 
+def test_engram_eval_generates_a_prompts_file_from_host_tables_and_hot_rows(straight, tmp_path):
+    _, root, _ = straight
+    prompts = ["alpha beta", "gamma delta epsilon zeta", "mu"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")
+    result = eval_cli("--checkpoint", str(root / "straight"), "--no-validation", "--max-new-tokens", "5",
+                      "--prompts-file", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "out.jsonl"),
+                      "--set", "model.engram.placement=host", "--hot-rows", "64")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout and "hot rows: 64 per layer" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == prompts
+    # The run's device tables, no hot rows, in this process: the same greedy continuations.
+    trained = Trained(root / "straight")
+    assert trained.tables.host is False
+    assert [line["text"] for line in lines] == trained.generate(prompts, max_new_tokens=5)
+    assert [line["new_tokens"] for line in lines] == [len(t) for t in trained.last_generation.tokens]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--prompt", "x", "--top-p", "0"], "SamplingConfig.top_p = 0.0: must be in (0, 1]"),
+    (["--prompt", " ".join(WORDS), "--cache-length", "16"], "longer than the cache's 16"),
+    (["--prompt", "x", "--set", "model.hidden_size=64"], "--set model.hidden_size: a checkpoint is evaluated"),
+    (["--prompt", "x", "--set", "model.engram.placement=host", "--hot-rows", "1000"],
+     "--hot-rows 1,000 is larger than layer 1's table of"),
+])
+def test_bad_generation_input_is_one_line(straight, capsys, args, message):
+    from train.main import eval_main
+
+    _, root, _ = straight
+    assert eval_main(["--checkpoint", str(root / "straight"), "--no-validation", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("engram-eval: error: ") and message in err and len(err.splitlines()) == 1
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=300)
 

@@ -1,7 +1,8 @@
 """Evaluation of a trained model: validation metrics, sampling, and the gate picture.
 
     engram-eval --checkpoint runs/tiny                       # loss, perplexity, bits/byte
-    engram-eval --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 40
+    engram-eval --checkpoint runs/tiny --prompt "def main(" --prompt "import os" --max-new-tokens 40
+    engram-eval --checkpoint runs/tiny --prompts-file prompts.txt --output out.jsonl --top-p 0.9 --temperature 0.8
     engram-eval --checkpoint runs/tiny --gates gates.png --prompt "import numpy as np"
 
 Only the model's variables are restored (no optimizer state). Validation runs the same
@@ -12,59 +13,26 @@ loss that training logged at that step.
 from __future__ import annotations
 
 import functools
-import math
 import pathlib
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
 from engram_jax import data, model as model_lib, sharding, training
 from engram_jax.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint
 from engram_jax.compression import compress_tokenizer
-from engram_jax.hashing import NgramHasher
+from engram_jax import hot_rows as hot_rows_lib
+from engram_jax.decode import Decoder, SamplingConfig
 from engram_jax.model import Model, ModelConfig
+from train.run import RUNTIME_FIELDS, RunConfig, make_tables
+from train.validation import Validation
 
 
-class Validation:
-    """The validation split, read once per run: its batches and its bytes per token.
-
-    Args:
-      run_config: the RunConfig (its data and eval_batches are used).
-      tokenizer, hasher: the run's tokenizer and `NgramHasher` (None without Engram).
-    """
-
-    def __init__(self, run_config, tokenizer: Tokenizer, hasher: NgramHasher | None):
-        self.pipeline = data.Pipeline(run_config.data, tokenizer, hasher, "validation")
-        self.bytes_per_token = data.bytes_per_token(run_config.data, tokenizer, "validation")
-        self.num_batches = run_config.eval_batches
-
-    def metrics(self, evaluate, mesh) -> dict:
-        """Loss (nats/token), perplexity and bits per byte over `eval_batches` batches,
-        and the drops of full buckets summed over them (`val_engram_dropped/<layer>`
-        token positions, `val_moe_dropped/<block>` token copies; with an expert or table
-        axis above 1 a loss that includes drops depends on the mesh, so it is reported).
-
-        Args:
-          evaluate: `evaluate(batch) -> {"loss_sum", "tokens", ...}` on global batches.
-          mesh: the mesh that batches are placed on.
-        """
-        iterator = self.pipeline.iterator(self.num_batches)
-        try:  # dispatch every batch, then read the sums back once
-            sums = [{k: v for k, v in out.items() if k in ("loss_sum", "tokens") or training.is_drop_counter(k)}
-                    for out in (evaluate(sharding.global_batch(mesh, batch)) for batch in iterator)]
-        finally:
-            iterator.close()
-        totals: dict[str, float] = {}
-        for batch_sums in jax.device_get(sums):
-            for k, v in batch_sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        loss = totals.pop("loss_sum") / totals.pop("tokens")
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-                "val_bits_per_byte": loss / math.log(2) / self.bytes_per_token,
-                **{f"val_{k}": int(v) for k, v in totals.items()}}
+# Tokens of the training split that `--hot-rows` counts rows over (NumPy hashes ~8M
+# tokens/s on 2 cores: well under a second).
+HOT_ROW_CALIBRATION = 2_000_000
 
 
 class Trained:
@@ -74,7 +42,7 @@ class Trained:
     is tried), so that `--step N` can pick one; evaluation never switches step by itself.
     """
 
-    def __init__(self, checkpoint: str | pathlib.Path, step: int | None = None):
+    def __init__(self, checkpoint: str | pathlib.Path, step: int | None = None, overrides: tuple[str, ...] = ()):
         path = pathlib.Path(checkpoint)
         if path.name.isdigit() and step is None:  # a step folder: runs/x/checkpoints/300
             step, path = int(path.name), path.parent
@@ -86,7 +54,7 @@ class Trained:
         try:
             self.step = checkpoints.resolve(step)
             try:
-                self.config, self.mesh, self.tables, restored = _restore_model(checkpoints, self.step)
+                self.config, self.mesh, self.tables, restored = _restore_model(checkpoints, self.step, tuple(overrides))
             except UnreadableCheckpoint as err:
                 intact = [s for s in checkpoints.steps() if s != err.step and _restores(checkpoints, s)]
                 which = (f"intact steps: {', '.join(map(str, sorted(intact)))}; --step N picks one" if intact
@@ -132,39 +100,50 @@ class Trained:
         window = np.asarray(tokens[max(0, position - n + 1): position + 1])[None]  # [1, <= N]
         return {layer: ids[0, -1] for layer, ids in self.hasher(window).items()}
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0) -> str:
-        """Continues `prompt`: greedy at temperature 0, else sampled.
+    @functools.cached_property
+    def decoder(self) -> Decoder:
+        """The KV-cached decoding engine over this model and its tables (`engram_jax.decode`)."""
+        return Decoder(self.config.model, self.variables, self.tables, self.rows, self.hasher,
+                       data.eod_id(self.tokenizer, self.config.data.eod_token), getattr(self, "hot_rows", None))
 
-        Each step runs the model on a fixed-length buffer (one compilation; causal, so
-        the unfilled tail does not matter) and writes the new token's hash ids, computed
-        from it and the N - 1 tokens before it.
+    def use_hot_rows(self, k: int, calibration_tokens: int = HOT_ROW_CALIBRATION) -> hot_rows_lib.HotRows:
+        """Serves the k most addressed rows of each layer from device memory when generating
+        (`engram_jax.hot_rows`), counted over the first `calibration_tokens` of the run's
+        training split. For tables in host memory (`--set model.engram.placement=host`)."""
+        engram = self.config.model.engram
+        if k < 1:
+            raise ValueError(f"--hot-rows must be >= 1, got {k}")
+        if engram is None:
+            raise ValueError("--hot-rows: this model has no Engram tables")
+        if not self.tables.host:
+            raise ValueError("--hot-rows caches tables in host memory; add --set model.engram.placement=host")
+        for layer in engram.layer_ids:  # before reading the training split
+            if k > engram.table_rows(layer):
+                raise ValueError(f"--hot-rows {k:,} is larger than layer {layer}'s table of "
+                                 f"{engram.table_rows(layer):,} rows")
+        ids = data.tokenize_split(self.config.data, self.tokenizer, "train", limit=calibration_tokens)
+        counts = hot_rows_lib.count_rows(self.hasher, [ids[i: i + 65_536] for i in range(0, ids.size, 65_536)],
+                                         engram)
+        self.hot_rows = hot_rows_lib.HotRows.build(counts, self.rows, engram, k)
+        self.__dict__.pop("decoder", None)  # the next generation builds a decoder with the cache
+        return self.hot_rows
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, top_k: int = 0, top_p: float = 1.0,
+                 cache_length: int | None = None) -> str | list[str]:
+        """Continues each prompt, all in one batch (`Decoder.generate`): greedy at
+        temperature 0, else sampled (with top_k / top_p filtering).
+
+        Returns the prompt and its continuation as text (a list for a list of prompts).
+        `last_generation` keeps the `Generation` (new ids, finished flags, seconds).
         """
-        tokens = self.encode(prompt)
-        length = len(tokens) + max_new_tokens
-        buffer = np.zeros((1, length), np.int32)
-        buffer[0, : len(tokens)] = tokens
-        hash_ids = {}
-        if self.hasher is not None:
-            hash_ids = {k: np.concatenate([v, np.zeros((1, max_new_tokens, v.shape[-1]), v.dtype)], 1)
-                        for k, v in self.hasher(buffer[:, : len(tokens)]).items()}
-        logits_at = jax.jit(lambda t, h, i: self.apply(t, h)[0, i])
-        key = jax.random.key(seed)
-        end = data.eod_id(self.tokenizer, self.config.data.eod_token)
-        for position in range(len(tokens), length):
-            logits = logits_at(buffer, hash_ids, position - 1)
-            if temperature > 0:
-                key, sub = jax.random.split(key)
-                token = int(jax.random.categorical(sub, logits / temperature))
-            else:
-                token = int(jnp.argmax(logits))
-            if token == end:
-                break
-            tokens.append(token)
-            buffer[0, position] = token
-            for layer, ids in (self.hash_window(tokens, position).items() if self.hasher else ()):
-                hash_ids[layer][0, position] = ids
-        return self.tokenizer.decode(tokens[1:])
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        encoded = [self.encode(text) for text in texts]
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        out = self.decoder.generate(encoded, max_new_tokens, sampling, seed, cache_length)
+        self.last_generation = out
+        decoded = [self.tokenizer.decode(prompt[1:] + new) for prompt, new in zip(encoded, out.tokens)]
+        return decoded[0] if isinstance(prompts, str) else decoded
 
     def gates(self, prompt: str) -> tuple[list[str], dict[int, np.ndarray]]:
         """Each token's text and `{layer: gate [T, G]}` of every Engram layer."""
@@ -179,12 +158,18 @@ class Trained:
         return pieces, gates
 
 
-def _restore_model(checkpoints: Checkpoints, step: int):
-    """The run config, mesh and table engine of `step`, and its restored
+def _restore_model(checkpoints: Checkpoints, step: int, overrides: tuple[str, ...] = ()):
+    """The run config (with `overrides`), mesh and table engine of `step`, and its restored
     `{"params", "moe_bias", "tables"}` (no optimizer state is read)."""
-    from train.run import RunConfig, make_tables  # train.run imports this module
-
     config = RunConfig.from_dict(checkpoints.read_config(step))
+    if overrides:
+        # Only what changes how the model runs, not what it computes: other values would
+        # restore the checkpoint's arrays into the shapes of another model.
+        other = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip() not in RUNTIME_FIELDS]
+        if other:
+            raise ValueError(f"--set {other[0]}: a checkpoint is evaluated with its own config; only the runtime "
+                             f"settings {', '.join(RUNTIME_FIELDS)} can change")
+        config = config.override(list(overrides))
     # This machine's devices, all on `data`, whatever the training mesh was: expert
     # kernels restore without the training mesh's padding experts, tables re-split.
     mesh = sharding.make_mesh(sharding.MeshConfig())

@@ -175,8 +175,8 @@ class EngramLM(LM):
         return totals
 
     def generate_until(self, requests) -> list[str]:
-        raise NotImplementedError("generate_until is not supported yet: engram-jax has no batched decoding "
-                                  "engine (the generation issue); use loglikelihood tasks")
+        raise NotImplementedError("generate_until is not supported yet by EngramLM (engram_jax.Decoder is not "
+                                  "wired to lm-eval's requests); use loglikelihood tasks")
 
 
 # ---------------------------------------------------------------- running tasks

@@ -1,10 +1,11 @@
-"""Command lines: `engram-train` (also `python -m train`) and `engram-eval`."""
+"""Command lines: `engram-train` (also `python -m train`), `engram-eval` and `engram-prepare`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 from engram_jax import configs
@@ -150,6 +151,135 @@ def _drops(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,} {units[k.split('/')[0]]}" for k, v in sorted(counts.items()))
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="engram-prepare",
+        description="Tokenize a corpus once into a sharded, memory-mapped token store (engram_jax/data/store.py). "
+                    "engram-train does this on first use; run it ahead of time for a large corpus, or split it "
+                    "over several launchers with --shard.")
+    parser.add_argument("--config", default="tiny", help=f"a preset: {', '.join(configs.names())}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.source=/data/fineweb (repeatable)")
+    parser.add_argument("--out", help="the store folder (default: <data.cache_dir>/stores/<key>, where engram-train "
+                                      "looks for it); train on it with --set data.store=DIR")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                        help="prepare only the I-th of N disjoint sets of parts (N launchers, one each); the "
+                             "launcher that finishes the last part writes the manifest")
+    parser.add_argument("--part-mb", type=float, default=64.0, help="MB of source per part (default 64)")
+    parser.add_argument("--join", action="store_true", help="write the manifest of a store whose parts are done")
+    parser.add_argument("--verify", action="store_true",
+                        help="check a prepared store: every shard's sha256 and, where the source can be read, "
+                             "the sha256 of its bytes against the manifest")
+    args = parser.parse_args(argv)
+    try:
+        from engram_jax import data
+        from train.run import run_preset
+
+        config = run_preset(args.config).override(args.set)
+        _setup_logging()
+        tokenizer = data.load_tokenizer(config.data)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab > config.model.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab} ids but model.vocab_size is {config.model.vocab_size}; "
+                             f"set --set model.vocab_size={vocab}")
+        out = args.out or config.data.store or None
+        if args.verify:
+            store, source_checked = data.store.verify(config.data, tokenizer, out)
+            print(f"engram-prepare: {store.path}: every shard matches its sha256; the source "
+                  + ("matches the bytes recorded" if source_checked else "was not checked (not readable here, or "
+                     "not the recorded one)"))
+            return 0
+        if args.join:
+            if out is None:
+                out = data.store.default_path(config.data, tokenizer, data.sources.plan(config.data))
+            store = data.join(out, tokenizer)
+        else:
+            store = data.prepare(config.data, tokenizer, out, shard=args.shard, part_bytes=int(args.part_mb * 2**20))
+        if store is None:
+            print(f"engram-prepare: part set {args.shard[0]}/{args.shard[1]} done; the store is complete when every "
+                  "set is (the last to finish writes the manifest, or run again with --join)")
+            return 0
+        splits = store.manifest["splits"]
+        print(f"engram-prepare: {store.path.resolve()}: " + ", ".join(
+            f"{split} {s['tokens']:,} tokens ({s['documents']:,} documents, {len(s['shards'])} shards)"
+            for split, s in splits.items()))
+        if args.out:
+            print(f"train on it with: engram-train --config {args.config} --set data.store={store.path.resolve()}")
+    except USER_ERRORS as err:
+        return _fail("engram-prepare", err)
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a text file (one prompt each)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    prompts = [line for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompt")
+    return prompts
+
+
+def _generate(trained, prompts: list[str], args, sampling) -> list[str]:
+    """Generates the batch and prints its tokens/s (to stderr with --prompts-file to stdout)."""
+    compiled_before = trained.decoder.programs()
+    texts = trained.generate(prompts, args.max_new_tokens, sampling.temperature, args.seed, sampling.top_k,
+                             sampling.top_p, args.cache_length)
+    out = trained.last_generation
+    new = sum(len(t) for t in out.tokens)
+    note = " (including compilation)" if trained.decoder.programs() != compiled_before else ""
+    where = sys.stderr if args.prompts_file and not args.output else sys.stdout
+    print(f"generated {new} tokens for {len(prompts)} prompts in {out.seconds:.2f} s: "
+          f"{new / max(out.seconds, 1e-9):.1f} tokens/s{note}", file=where)
+    return texts
+
+
+def _tasks_and_engram_off(trained, args, task_names: list[str], off: tuple[int, ...] | None,
+                          lm_eval_model) -> None:
+    """engram-eval's lm-eval tasks (`--tasks`) and Engram-off comparison (`--engram-off`):
+    prints the tables and writes their JSON into <run>/eval/."""
+    from train import engram_off
+
+    rows = []
+    if task_names:
+        results = {}
+        for which, layers in (("on", ()), ("off", off)) if off else (("on", ()),):
+            model = lm_eval_model.EngramLM(trained=trained, batch_size=args.batch_size, max_length=args.max_length,
+                                           engram_off=layers)
+            results[which] = lm_eval_model.evaluate(model, task_names, limit=args.limit, num_fewshot=args.num_fewshot,
+                                                    include_path=args.include_path)
+            print(f"--- lm-eval, Engram {which}" if off else "--- lm-eval")
+            print(lm_eval_model.format_scores(results[which]))
+        if off:
+            on_scores = {(t, m): v for t, m, v, _, _ in lm_eval_model.scores(results["on"])}
+            rows += [engram_off.Comparison(t, m, on_scores[t, m], v, better)
+                     for t, m, v, _, better in lm_eval_model.scores(results["off"]) if (t, m) in on_scores]
+        path = lm_eval_model.write_results(
+            engram_off.results_folder(args.checkpoint) / f"lm_eval_step{trained.step}.json",
+            {"step": trained.step, "tasks": task_names, "limit": args.limit, "num_fewshot": args.num_fewshot,
+             "engram_off": list(off) if off else None, **results})
+        print(f"lm-eval results: {path}")
+    if off is not None:
+        if not args.no_validation:
+            rows = engram_off.validation_comparison(trained, off, args.corpus) + rows
+        print(engram_off.format_table(rows, off))
+        path = engram_off.write_json(engram_off.results_folder(args.checkpoint) / "engram_off.json",
+                                     {"step": trained.step, "engram_off": list(off),
+                                      "scores": [r.to_dict() for r in rows]})
+        print(f"engram-off results: {path}")
+
+
 def _import_lm_eval_model():
     """train.lm_eval_model, or a one-line error when lm-eval is not installed."""
     try:
@@ -163,10 +293,22 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engram-eval", description="Evaluate a trained Engram model.")
     parser.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step folder")
     parser.add_argument("--step", type=int, help="which step (default: the latest)")
-    parser.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="text to continue (repeatable: the prompts are generated as one batch)")
+    parser.add_argument("--prompts-file", metavar="TXT",
+                        help="one prompt per line (blank lines skipped), generated as one batch; writes JSONL")
+    parser.add_argument("--output", metavar="JSONL", help="where --prompts-file writes (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--cache-length", type=int, help="KV cache slots per prompt (default: fitted)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hot-rows", type=int, default=0, metavar="K",
+                        help="keep each layer's K most used rows (counted over the training split) in device "
+                             "memory; for tables in host memory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a runtime setting of the run config, e.g. model.engram.placement=host")
     parser.add_argument("--gates", metavar="PNG", help="draw the prompts' Engram gates (paper Fig. 7) to PNG")
     parser.add_argument("--gate-layer", type=int, help="Engram layer to draw (default: the first)")
     parser.add_argument("--gate-branch", default="mean", help="branch to draw, or 'mean'")
@@ -194,9 +336,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not args.tasks and any(v is not None for _, v in lm_eval_only):
         parser.error(", ".join(k for k, v in lm_eval_only if v is not None) + " needs --tasks")
     try:
-        from train.evaluate import Trained, gate_picture
-
+        from engram_jax.decode import SamplingConfig
         from train import engram_off
+        from train.evaluate import Trained, gate_picture
 
         task_names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         if args.tasks is not None:
@@ -205,47 +347,41 @@ def eval_main(argv: list[str] | None = None) -> int:
                 raise ValueError("--tasks: no task names given")
             lm_eval_model.check_tasks(task_names, args.include_path)  # before the checkpoint is read
         _setup_logging()
-        trained = Trained(args.checkpoint, args.step)
-        print(f"restored step {trained.step} of {trained.config.name}")
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        file_prompts = _read_prompts(args.prompts_file) if args.prompts_file else []
+        trained = Trained(args.checkpoint, args.step, tuple(args.set))
+        info = sys.stderr if args.prompts_file and not args.output else sys.stdout  # stdout: the JSONL
+        print(f"restored step {trained.step} of {trained.config.name}", file=info)
+        if args.hot_rows:
+            hot = trained.use_hot_rows(args.hot_rows)
+            print(f"hot rows: {hot.size:,} per layer in device memory", file=info)
         off = (engram_off.engram_off_layers(trained.config.model, engram_off.parse_layers(args.engram_off))
                if args.engram_off is not None else None)
-        rows = []
-        if task_names:
-            results = {}
-            for which, layers in (("on", ()), ("off", off)) if off else (("on", ()),):
-                model = lm_eval_model.EngramLM(trained=trained, batch_size=args.batch_size,
-                                               max_length=args.max_length, engram_off=layers)
-                results[which] = lm_eval_model.evaluate(model, task_names, limit=args.limit,
-                                                        num_fewshot=args.num_fewshot, include_path=args.include_path)
-                print(f"--- lm-eval, Engram {which}" if off else "--- lm-eval")
-                print(lm_eval_model.format_scores(results[which]))
-            if off:
-                on_scores = {(t, m): (v, b) for t, m, v, _, b in lm_eval_model.scores(results["on"])}
-                rows += [engram_off.Comparison(t, m, on_scores[t, m][0], v, b)
-                         for t, m, v, _, b in lm_eval_model.scores(results["off"]) if (t, m) in on_scores]
-            name = f"lm_eval_step{trained.step}.json"
-            path = lm_eval_model.write_results(
-                engram_off.results_folder(args.checkpoint) / name,
-                {"step": trained.step, "tasks": task_names, "limit": args.limit, "num_fewshot": args.num_fewshot,
-                 "engram_off": list(off) if off else None, **results})
-            print(f"lm-eval results: {path}")
-        if off is not None:
-            if not args.no_validation:
-                rows = engram_off.validation_comparison(trained, off, args.corpus) + rows
-            print(engram_off.format_table(rows, off))
-            path = engram_off.write_json(engram_off.results_folder(args.checkpoint) / "engram_off.json",
-                                         {"step": trained.step, "engram_off": list(off),
-                                          "scores": [r.to_dict() for r in rows]})
-            print(f"engram-off results: {path}")
-        elif not args.no_validation:
+        if off is None and not args.no_validation:  # with --engram-off, validation is in its table
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
-                  f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte")
+                  f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte", file=info)
             dropped = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_") and "dropped" in k}
             if dropped:
                 print(f"dropped by full buckets in validation: {_drops(dropped)}")
-        for prompt in args.prompt:
-            print(f"--- {prompt!r}\n{trained.generate(prompt, args.max_new_tokens, args.temperature, args.seed)}")
+        if task_names or off is not None:
+            _tasks_and_engram_off(trained, args, task_names, off, lm_eval_model if task_names else None)
+        if args.prompt:
+            texts = _generate(trained, args.prompt, args, sampling)
+            for prompt, text in zip(args.prompt, texts):
+                print(f"--- {prompt!r}\n{text}")
+        if file_prompts:
+            texts = _generate(trained, file_prompts, args, sampling)
+            out = trained.last_generation
+            lines = [json.dumps({"prompt": p, "text": t, "new_tokens": len(n), "finished": f})
+                     for p, t, n, f in zip(file_prompts, texts, out.tokens, out.finished)]
+            if args.output:
+                pathlib.Path(args.output).write_text("".join(line + "\n" for line in lines))
+                print(f"wrote {len(lines)} generations to {args.output}")
+            else:
+                print("\n".join(lines))
         if args.gates:
             prompts = args.prompt or ["import numpy as np", "def __init__(self, config):", "for i in range(len(x)):"]
             path = gate_picture(trained, prompts, args.gates, args.gate_layer, args.gate_branch)

@@ -40,7 +40,7 @@ from engram_jax.optim import OptimConfig
 from engram_jax.sharding import MeshConfig
 from engram_jax.table import Tables
 from train import preemption
-from train.evaluate import Validation
+from train.validation import Validation
 
 log = logging.getLogger("engram_jax.train")
 
@@ -505,8 +505,9 @@ def _train(config: RunConfig, workdir: pathlib.Path, stop_after: int | None,
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics.get('tokens_per_s', 0):,.0f}")
                 if lead and not interactive:
                     mfu = f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                    print(f"step {done}/{config.steps}: loss {metrics['loss']:.4f}, "
-                          f"{metrics.get('tokens_per_s', float('nan')):,.0f} tokens/s{mfu}", flush=True)
+                    rate = (f"{metrics['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in metrics
+                            else "tokens/s from the next log (this interval compiled)")
+                    print(f"step {done}/{config.steps}: loss {metrics['loss']:.4f}, {rate}{mfu}", flush=True)
             if done == start + 1:
                 jax.block_until_ready(state.step)
                 clock.go(done)
