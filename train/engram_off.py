@@ -96,7 +96,7 @@ def validation_metrics(trained, engram_off: tuple[int, ...] = (), source: str | 
     Args:
       trained: a restored `train.evaluate.Trained`.
     """
-    from train.evaluate import Validation
+    from train.validation import Validation
 
     config = trained.config
     if source is not None:
