@@ -141,7 +141,11 @@ def test_tasks_without_lm_eval_is_one_line(monkeypatch, capsys):
 
     from train.main import eval_main
 
-    monkeypatch.setitem(sys.modules, "train.lm_eval_model", None)  # as if lm-eval were not installed
+    import train
+
+    # As if lm-eval were not installed (the module may already be imported, by collection).
+    monkeypatch.setitem(sys.modules, "train.lm_eval_model", None)
+    monkeypatch.delattr(train, "lm_eval_model", raising=False)
     assert eval_main(["--checkpoint", "nowhere", "--tasks", "hellaswag"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("engram-eval: error: --tasks needs lm-eval (") and \
