@@ -4,8 +4,10 @@
 and its baseline (the same backbone without Engram) share the corpus and the tokenizer.
 """
 
+import atexit
 import functools
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -16,6 +18,7 @@ from test_train import WORDS, micro_config
 @functools.lru_cache(maxsize=None)
 def _root() -> pathlib.Path:
     root = pathlib.Path(tempfile.mkdtemp(prefix="engram_eval_runs_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the session's runs go with it
     corpus = root / "corpus"
     corpus.mkdir()
     rng = np.random.default_rng(0)
