@@ -225,11 +225,13 @@ class Block(nn.Module):
     """One block: optional Engram, then attention, then a dense FFN or a MoE.
 
     `mesh`: where the MoE runs expert-parallel (see `moe.MoE`); None for one device.
+    `engram_off`: Engram's output is replaced by zeros (an inference-time ablation).
     """
 
     config: ModelConfig
     layer: int
     mesh: Mesh | None = None
+    engram_off: bool = False
 
     def sublayer(self, x: jnp.ndarray, f, name: str) -> jnp.ndarray:
         """Applies f to the stream read from x and writes its output back: [B, T, G, D]."""
@@ -256,11 +258,12 @@ class Block(nn.Module):
             engram_class = Engram if cache is not None else _remat_class(Engram, cfg.remat)
             engram_module = engram_class(cfg.engram, self.layer, dtype, param_dtype, name="engram")
 
-            def engram(h):
+            def engram(h):  # switched off (engram_off): Y = 0, the rest of the block unchanged
                 if cache is None or cache.get("engram") is None:
-                    return engram_module(h, memory)
-                y, new_cache["engram"] = engram_module(h, memory, cache["engram"], positions)
-                return y
+                    y = engram_module(h, memory)
+                else:
+                    y, new_cache["engram"] = engram_module(h, memory, cache["engram"], positions)
+                return jnp.zeros_like(y) if self.engram_off else y
 
             if cfg.engram.multi_branch or cfg.branches == 1:
                 x = x + engram(x)  # every branch gated by its own state (eq. 6)
@@ -346,10 +349,15 @@ class Model(nn.Module):
       mesh: the device mesh of the train step, for expert parallelism (its `expert`
         axis also sets how many experts the MoE kernels store, `MoEConfig.padded_experts`);
         None for one device.
+      engram_off: Engram layer ids whose output Y is replaced by zeros, at inference
+        (paper Fig. 6): the same variables, every other computation unchanged (gates are
+        still computed and sown). With single-branch fusion (`multi_branch=False`,
+        G > 1) Engram's mHC sublayer then writes zeros, so its H_res mixing remains.
     """
 
     config: ModelConfig
     mesh: Mesh | None = None
+    engram_off: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, memory: Mapping[int, jnp.ndarray] | None = None,
@@ -386,6 +394,9 @@ class Model(nn.Module):
         if cache is not None and (positions is None or segment_ids is not None):
             raise ValueError("decoding with a cache needs positions [B, T] and no segment_ids")
         memory = dict(memory or {})
+        engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
+        if any(i not in engram_layers for i in self.engram_off):
+            raise ValueError(f"engram_off {list(self.engram_off)}: Engram layers are {list(engram_layers)}")
         if cfg.engram is not None:
             missing = [i for i in cfg.engram.layer_ids if i not in memory]
             if missing:
@@ -406,7 +417,7 @@ class Model(nn.Module):
         for first, count in cfg.block_groups:
             name = group_name(first, count)
             if count == 1:
-                module = block(cfg, first, self.mesh, name=name)
+                module = block(cfg, first, self.mesh, first in self.engram_off, name=name)
                 if cache is None:
                     x = module(x, memory.get(first), segment_ids, positions)
                 else:

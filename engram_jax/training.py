@@ -158,8 +158,8 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     return total / (b * t)
 
 
-def forward(config: ModelConfig, params, moe_bias, batch, memory, mesh: Mesh | None = None
-            ) -> tuple[jax.Array, dict]:
+def forward(config: ModelConfig, params, moe_bias, batch, memory, mesh: Mesh | None = None,
+            engram_off: tuple[int, ...] = ()) -> tuple[jax.Array, dict]:
     """Loss and the sown intermediates (gates, expert loads) of one batch.
 
     The loss never holds all [B, T, V] logits: `chunked_cross_entropy`, chunks of
@@ -169,8 +169,9 @@ def forward(config: ModelConfig, params, moe_bias, batch, memory, mesh: Mesh | N
       batch: "inputs", "targets" and, for packed documents, "segment_ids" and "positions".
       memory: `{layer: [B, T, d_mem]}` the looked-up memory vectors (`Tables.lookup`).
       mesh: the step's mesh, for expert parallelism (None: one program, GSPMD).
+      engram_off: Engram layers whose output is zeroed (`Model.engram_off`; evaluation).
     """
-    (hidden, kernel), state = Model(config, mesh).apply(
+    (hidden, kernel), state = Model(config, mesh, engram_off).apply(
         {"params": params, "moe_bias": moe_bias}, batch["inputs"], memory, batch.get("segment_ids"),
         batch.get("positions"), return_hidden=True, mutable=["intermediates"])
     loss = chunked_cross_entropy(hidden, kernel, batch["targets"], config.loss_chunk)
@@ -290,15 +291,17 @@ def _lookup_summaries(stats: dict, batch: dict) -> dict:
 
 
 def eval_step(params, moe_bias, rows, batch: dict, *, config: ModelConfig, tables: Tables | None,
-              hasher: DeviceHasher | None = None, mesh: Mesh | None = None) -> dict:
+              hasher: DeviceHasher | None = None, mesh: Mesh | None = None,
+              engram_off: tuple[int, ...] = ()) -> dict:
     """Summed loss and token count of one batch (sum, so that batches average exactly),
     and what full buckets dropped (`DROP_COUNTERS`), so that validation reports it.
 
     Args:
       rows: `TableState.rows` (the optimizer slots are not needed).
+      engram_off: Engram layers whose output is zeroed (`Model.engram_off`).
     """
     memory, stats = lookup(tables, rows, batch, hasher=hasher)
-    loss, inter = forward(config, params, moe_bias, batch, memory, mesh)
+    loss, inter = forward(config, params, moe_bias, batch, memory, mesh, engram_off)
     tokens = batch["targets"].size
     drops = {k: v for k, v in stats.items() if is_drop_counter(k)}  # the MoE's are in the summaries
     return {"loss_sum": loss * tokens, "tokens": jnp.asarray(tokens, jnp.float32), **_summaries(inter), **drops}

@@ -245,6 +245,50 @@ def _generate(trained, prompts: list[str], args, sampling) -> list[str]:
     return texts
 
 
+def _tasks_and_engram_off(trained, args, task_names: list[str], off: tuple[int, ...] | None,
+                          lm_eval_model) -> None:
+    """engram-eval's lm-eval tasks (`--tasks`) and Engram-off comparison (`--engram-off`):
+    prints the tables and writes their JSON into <run>/eval/."""
+    from train import engram_off
+
+    rows = []
+    if task_names:
+        results = {}
+        for which, layers in (("on", ()), ("off", off)) if off else (("on", ()),):
+            model = lm_eval_model.EngramLM(trained=trained, batch_size=args.batch_size, max_length=args.max_length,
+                                           engram_off=layers)
+            results[which] = lm_eval_model.evaluate(model, task_names, limit=args.limit, num_fewshot=args.num_fewshot,
+                                                    include_path=args.include_path)
+            print(f"--- lm-eval, Engram {which}" if off else "--- lm-eval")
+            print(lm_eval_model.format_scores(results[which]))
+        if off:
+            on_scores = {(t, m): v for t, m, v, _, _ in lm_eval_model.scores(results["on"])}
+            rows += [engram_off.Comparison(t, m, on_scores[t, m], v, better)
+                     for t, m, v, _, better in lm_eval_model.scores(results["off"]) if (t, m) in on_scores]
+        path = lm_eval_model.write_results(
+            engram_off.results_folder(args.checkpoint) / f"lm_eval_step{trained.step}.json",
+            {"step": trained.step, "tasks": task_names, "limit": args.limit, "num_fewshot": args.num_fewshot,
+             "engram_off": list(off) if off else None, **results})
+        print(f"lm-eval results: {path}")
+    if off is not None:
+        if not args.no_validation:
+            rows = engram_off.validation_comparison(trained, off, args.corpus) + rows
+        print(engram_off.format_table(rows, off))
+        path = engram_off.write_json(engram_off.results_folder(args.checkpoint) / "engram_off.json",
+                                     {"step": trained.step, "engram_off": list(off),
+                                      "scores": [r.to_dict() for r in rows]})
+        print(f"engram-off results: {path}")
+
+
+def _import_lm_eval_model():
+    """train.lm_eval_model, or a one-line error when lm-eval is not installed."""
+    try:
+        from train import lm_eval_model
+    except ImportError as err:
+        raise ValueError(f"--tasks needs lm-eval ({err}): pip install -e \".[eval]\"") from None
+    return lm_eval_model
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engram-eval", description="Evaluate a trained Engram model.")
     parser.add_argument("--checkpoint", required=True, help="a run folder, its checkpoints folder or a step folder")
@@ -269,11 +313,39 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-layer", type=int, help="Engram layer to draw (default: the first)")
     parser.add_argument("--gate-branch", default="mean", help="branch to draw, or 'mean'")
     parser.add_argument("--no-validation", action="store_true", help="skip the validation metrics")
+    parser.add_argument("--engram-off", nargs="?", const="all", metavar="LAYERS",
+                        help="also score with Engram's output zeroed at every Engram layer, or at the given "
+                             "comma-separated layer ids; prints on, off and the fraction kept (paper Fig. 6) "
+                             "and writes <run>/eval/engram_off.json")
+    parser.add_argument("--corpus", action="append", default=[], metavar="PATH",
+                        help="with --engram-off: another corpus whose held-out split is also scored (repeatable)")
+    tasks = parser.add_argument_group("lm-evaluation-harness (pip install -e \".[eval]\")")
+    tasks.add_argument("--tasks", metavar="TASK,...", help="lm-eval tasks to score (comma-separated); results "
+                       "JSON in <run>/eval/, with --engram-off also scored with Engram off")
+    tasks.add_argument("--limit", type=float, help="lm-eval's --limit: examples per task (a fraction if < 1)")
+    tasks.add_argument("--num-fewshot", type=int, help="lm-eval's --num-fewshot")
+    tasks.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAMLs")
+    tasks.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    tasks.add_argument("--max-length", type=int, help="longest sequence scored (default: the run's seq_len)")
     args = parser.parse_args(argv)
+    if args.corpus and args.engram_off is None:
+        parser.error("--corpus needs --engram-off")
+    if args.engram_off is not None and args.no_validation and not args.tasks:
+        parser.error("--engram-off with --no-validation needs --tasks: there is nothing else to score")
+    lm_eval_only = ("--limit", args.limit), ("--num-fewshot", args.num_fewshot), ("--include-path", args.include_path)
+    if not args.tasks and any(v is not None for _, v in lm_eval_only):
+        parser.error(", ".join(k for k, v in lm_eval_only if v is not None) + " needs --tasks")
     try:
         from engram_jax.decode import SamplingConfig
+        from train import engram_off
         from train.evaluate import Trained, gate_picture
 
+        task_names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+        if args.tasks is not None:
+            lm_eval_model = _import_lm_eval_model()
+            if not task_names:
+                raise ValueError("--tasks: no task names given")
+            lm_eval_model.check_tasks(task_names, args.include_path)  # before the checkpoint is read
         _setup_logging()
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         if args.max_new_tokens < 1:
@@ -285,13 +357,17 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.hot_rows:
             hot = trained.use_hot_rows(args.hot_rows)
             print(f"hot rows: {hot.size:,} per layer in device memory", file=info)
-        if not args.no_validation:
+        off = (engram_off.engram_off_layers(trained.config.model, engram_off.parse_layers(args.engram_off))
+               if args.engram_off is not None else None)
+        if off is None and not args.no_validation:  # with --engram-off, validation is in its table
             metrics = trained.validate()
             print(f"validation loss {metrics['val_loss']:.4f} nats/token, perplexity "
                   f"{metrics['val_perplexity']:.2f}, {metrics['val_bits_per_byte']:.4f} bits/byte", file=info)
             dropped = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_") and "dropped" in k}
             if dropped:
                 print(f"dropped by full buckets in validation: {_drops(dropped)}")
+        if task_names or off is not None:
+            _tasks_and_engram_off(trained, args, task_names, off, lm_eval_model if task_names else None)
         if args.prompt:
             texts = _generate(trained, args.prompt, args, sampling)
             for prompt, text in zip(args.prompt, texts):

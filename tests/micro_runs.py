@@ -1,0 +1,47 @@
+"""Tiny trained runs shared by the evaluation tests: trained once per test session.
+
+`micro_config` is tests/test_train.py's; the corpus is its patterned text. The Engram run
+and its baseline (the same backbone without Engram) share the corpus and the tokenizer.
+"""
+
+import atexit
+import functools
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+
+from test_train import WORDS, micro_config
+
+
+@functools.lru_cache(maxsize=None)
+def _root() -> pathlib.Path:
+    root = pathlib.Path(tempfile.mkdtemp(prefix="engram_eval_runs_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the session's runs go with it
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        lines = [" ".join(WORDS[(j + k * 3) % len(WORDS)] for k in range(8)) + f" = {j % 7}"
+                 for j in rng.integers(0, 50, 200)]
+        (corpus / f"doc{i}.txt").write_text("\n".join(lines))
+    return root
+
+
+def corpus() -> pathlib.Path:
+    return _root() / "corpus"
+
+
+@functools.lru_cache(maxsize=None)
+def trained_run(engram: bool = True) -> pathlib.Path:
+    """The run folder of 8 steps of the micro model, with Engram (layer 1) or without."""
+    from train.run import train
+
+    root = _root()
+    config = micro_config(root / "corpus", root / "cache")
+    if not engram:
+        config = config.replace(name="micro-baseline", model=config.model.replace(engram=None))
+    workdir = root / ("engram" if engram else "baseline")
+    train(config, workdir)
+    return workdir
