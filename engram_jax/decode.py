@@ -141,10 +141,11 @@ class Decoder:
       eod_id: the end-of-document id: a sequence that samples it stops.
       hot_rows: a `hot_rows.HotRows` cache: hits read from it (device memory), only the
         misses through `tables`; None reads every row through `tables`.
+      engram_off: Engram layer ids whose output is zeroed (`Model.engram_off`).
     """
 
     def __init__(self, config: ModelConfig, variables: dict, tables=None, rows=None, hasher=None,
-                 eod_id: int = 0, hot_rows=None):
+                 eod_id: int = 0, hot_rows=None, engram_off: tuple[int, ...] = ()):
         if (config.engram is None) != (tables is None) or (config.engram is None) != (hasher is None):
             raise ValueError("a model with Engram needs its tables and hasher, one without needs neither")
         if tables is not None and tables.config.lookup_capacity_factor != 0:
@@ -157,7 +158,7 @@ class Decoder:
         self.hasher = hasher if hasher is None or isinstance(hasher, DeviceHasher) else hasher.on_device()
         self.eod_id = eod_id
         self.hot_rows = hot_rows
-        self._model = Model(config)
+        self._model = Model(config, engram_off=tuple(engram_off))
 
     # ------------------------------------------------------------------ pieces
 

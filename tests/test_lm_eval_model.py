@@ -117,8 +117,21 @@ def test_harness_loglikelihood_equals_the_models_own_log_probability(trained, di
     assert len({round(lp, 3) for lp, _ in got}) > 5  # the scores differ: a real comparison
     # One compilation per [B, T] bucket that ran: the short rows share the 16 bucket.
     assert model.shapes == {(3, 16)} and model._log_probs._cache_size() == len(model.shapes)
-    with pytest.raises(NotImplementedError, match="generate_until is not supported yet"):
-        model.generate_until(requests("generate_until", [("alpha", {"until": ["\n"]})]))
+
+
+def test_generate_until_is_the_greedy_continuation_cut_at_a_stop_string(trained):
+    model = EngramLM(trained=trained, batch_size=2)
+    contexts = ["alpha beta gamma", "mu nu", "sigma tau upsilon phi"]
+    texts = model.generate_until(requests("generate_until", [(c, {"until": [], "max_gen_toks": 6})
+                                                             for c in contexts]))
+    for context, text, ids in zip(contexts, texts, model.generated_ids):
+        assert text == trained.tokenizer.decode(ids) and 1 <= len(ids) <= 6
+        # Every new id is the argmax of the full forward (no cache) at its position.
+        (_, greedy), = model.score([(trained.encode(context), ids)])
+        assert greedy
+    stop = texts[0][len(texts[0]) // 2:][:2]  # a string the first continuation holds
+    cut = model.generate_until(requests("generate_until", [(contexts[0], {"until": [stop], "max_gen_toks": 6})]))
+    assert cut == [texts[0][: texts[0].find(stop)]]
 
 
 def test_rolling_loglikelihood_sums_disjoint_windows(trained, direct):

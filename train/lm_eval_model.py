@@ -17,7 +17,8 @@ documents do in training (position 0, one document). Sequences longer than
 in batches of `batch_size` rows (short batches padded with empty rows), each row padded
 on the right to the next power of two (at least 16, at most `max_length`): the model is
 causal (attention, Engram's n-grams and conv look back only), so padding changes no
-score, and one jitted function compiles once per bucket.
+score, and one jitted function compiles once per bucket. `generate_until` runs the
+KV-cached decoding engine (`engram_jax.Decoder`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from engram_jax.model import Model
 
 # The shortest length bucket: shorter rows would compile more programs for little gain.
 MIN_BUCKET = 16
+# New tokens of a generation request that does not say (lm-eval's Hugging Face model's default).
+MAX_GEN_TOKS = 256
 
 
 def bucket(length: int, max_length: int) -> int:
@@ -174,9 +177,51 @@ class EngramLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
 
+    @functools.cached_property
+    def decoder(self):
+        """The KV-cached decoding engine (`engram_jax.Decoder`) with this model's Engram switches."""
+        from engram_jax.decode import Decoder
+
+        t = self.trained
+        return Decoder(t.config.model, t.variables, t.tables, t.rows, t.hasher, self.eod,
+                       getattr(t, "hot_rows", None), engram_off=self.engram_off)
+
     def generate_until(self, requests) -> list[str]:
-        raise NotImplementedError("generate_until is not supported yet by EngramLM (engram_jax.Decoder is not "
-                                  "wired to lm-eval's requests); use loglikelihood tasks")
+        """Continuations by the decoding engine, `batch_size` contexts at a time: greedy
+        unless a request sets `do_sample` with a temperature above 0, at most `max_gen_toks`
+        (default MAX_GEN_TOKS) new tokens, stopped at the end-of-document id, and the text
+        cut before the first of the request's `until` strings (applied to the text after
+        generation, as lm-eval's Hugging Face model does). A context keeps its last
+        `max_length - max_gen_toks` tokens (at least one). `generated_ids` keeps each
+        request's new ids."""
+        from engram_jax.decode import SamplingConfig
+
+        jobs = []  # (index, prompt ids, max_new, temperature, until)
+        for index, request in enumerate(requests):
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", MAX_GEN_TOKS))
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+            prompt = [self.eod] + self._encode(context)
+            jobs.append((index, prompt[-max(1, self.max_length - max_new):], max_new, temperature, until))
+        texts: list[str | None] = [None] * len(jobs)
+        self.generated_ids: list[list[int] | None] = [None] * len(jobs)
+        groups: dict[tuple[int, float], list] = {}  # one max_gen_toks and temperature per batch
+        for job in sorted(jobs, key=lambda j: -len(j[1])):  # similar lengths together
+            groups.setdefault((job[2], job[3]), []).append(job)
+        for (max_new, temperature), group in groups.items():
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start: start + self.batch_size]
+                out = self.decoder.generate([j[1] for j in batch], max_new, SamplingConfig(temperature=temperature))
+                for (index, _, _, _, until), ids in zip(batch, out.tokens):
+                    text = self.trained.tokenizer.decode(ids)
+                    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+                    texts[index], self.generated_ids[index] = text[:cut], list(ids)
+        for request, text in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        return texts
 
 
 # ---------------------------------------------------------------- running tasks
