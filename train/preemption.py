@@ -31,7 +31,9 @@ log = logging.getLogger("engram_jax.train")
 
 LOG_NAME = "engram-train.log"
 # Loggers whose records are the libraries' business: kept in the log file, off the terminal.
-LIBRARY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "grain")
+# "py.warnings": Python warnings while a run is routed (`logging.captureWarnings`), such as
+# a failed save's coroutines that are never awaited, reported when the process ends.
+LIBRARY_LOGGERS = ("absl", "orbax", "asyncio", "tensorstore", "grain", "py.warnings")
 
 
 def _distributed() -> bool:
@@ -165,6 +167,7 @@ class LibraryLog:
             logger.propagate = False
             logger.addHandler(self.handler)
         logging.getLogger("engram_jax").addHandler(self.handler)
+        logging.captureWarnings(True)
         _unraisable_log.append(self.path)
         sys.unraisablehook = _unraisable
         return self
@@ -184,6 +187,7 @@ class LibraryLog:
                 logging.getLogger(name).removeHandler(self.handler)
                 logging.getLogger(name).propagate = propagate
         logging.getLogger("engram_jax").removeHandler(self.handler)
+        logging.captureWarnings(False)
         self.handler.flush()
         _asyncio_left.append(self.handler)
 
