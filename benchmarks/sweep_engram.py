@@ -83,33 +83,32 @@ def allocation_variants(config: str) -> dict[str, tuple[str, list[str]]]:
     return variants
 
 
-def draw_allocation(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
-    """Final validation loss against memory's share of the sparse budget (Fig. 3 left)."""
-    points = sorted((int(v.removeprefix("memory_").removesuffix("pct")), f) for v, f in finals.items())
+def _draw_line(points: list[tuple[float, float]], xlabel: str, title: str, out: pathlib.Path,
+               log_x: bool = False) -> None:
+    """Final validation loss (y) against one swept quantity (x)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot([m for m, _ in points], [f for _, f in points], marker="o")
-    ax.set_xlabel("memory's share of the sparse parameters, % (1 - rho)")
+    ax.plot([x for x, _ in points], [f for _, f in points], marker="o")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def draw_allocation(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
+    """Final validation loss against memory's share of the sparse budget (Fig. 3 left)."""
+    points = sorted((int(v.removeprefix("memory_").removesuffix("pct")), f) for v, f in finals.items())
+    _draw_line(points, "memory's share of the sparse parameters, % (1 - rho)", title, out)
 
 
 def draw_table_size(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
     """Final validation loss against rows per head, on a log axis."""
     points = sorted((round(TINY_ROWS * float(v.removeprefix("rows_x"))), f) for v, f in finals.items())
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot([r for r, _ in points], [f for _, f in points], marker="o")
-    ax.set_xscale("log")
-    ax.set_xlabel("base rows per hash head (each order)")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _draw_line(points, "base rows per hash head (each order)", title, out, log_x=True)
 
 
 def draw_bars(finals: dict[str, float], title: str, out: pathlib.Path) -> None:

@@ -14,22 +14,15 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 
-from test_train import WORDS, micro_config
+from test_train import micro_config, write_corpus
 
 
 @functools.lru_cache(maxsize=None)
 def _root() -> pathlib.Path:
     root = pathlib.Path(tempfile.mkdtemp(prefix="engram_eval_runs_"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)  # the session's runs go with it
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        lines = [" ".join(WORDS[(j + k * 3) % len(WORDS)] for k in range(8)) + f" = {j % 7}"
-                 for j in rng.integers(0, 50, 200)]
-        (corpus / f"doc{i}.txt").write_text("\n".join(lines))
+    write_corpus(root / "corpus")
     return root
 
 

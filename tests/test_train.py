@@ -27,16 +27,20 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
          "sigma tau upsilon phi chi psi omega").split()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    """Twelve small files of patterned text: learnable, so the loss can fall."""
-    root = tmp_path_factory.mktemp("corpus")
+def write_corpus(root: pathlib.Path) -> pathlib.Path:
+    """Twelve small files of patterned text in `root`: learnable, so the loss can fall."""
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(12):
         lines = [" ".join(WORDS[(j + k * 3) % len(WORDS)] for k in range(8)) + f" = {j % 7}"
                  for j in rng.integers(0, 50, 200)]
         (root / f"doc{i}.txt").write_text("\n".join(lines))
     return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def micro_config(corpus: pathlib.Path, cache: pathlib.Path, **overrides) -> RunConfig:
