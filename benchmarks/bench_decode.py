@@ -15,7 +15,10 @@ Parts (`--parts`, default all):
   rows counted over the first 2M tokens of the training split, measured on the first
   200k of the validation split: the share of row reads the top K rows serve, and the
   distinct rows per generated token a batch of 8 reads from host memory with and
-  without the cache, for K from 64 to 65,536; plotted to `--plot`.
+  without the cache, for K from 64 to 65,536; plotted to `--plot`. Beside them, what
+  the compiled decode-step lookup (`HotRows.lookup`, host tables) gathers per token
+  over 512 steps of the 8 sequences (its static reads: the misses' bucket, plus the
+  full read of a step whose misses overflowed), and how many steps fell back.
 
 - `workload`: the paper's serving workload (Table 4: prompts of lengths uniform over
   [100, 1024]) scaled to this machine: 16 prompts of lengths uniform over [16, 128],
@@ -54,6 +57,7 @@ from engram_jax.table_optim import RowOptimizer
 
 PROMPT = 32  # prompt tokens
 BATCH = 8
+ENGINE_STEPS = 512  # decode steps of real text whose compiled lookups the hot_rows part counts
 
 
 def tiny(scale: int = 1, placement: str = "device"):
@@ -177,12 +181,36 @@ def part_hot_rows(args) -> dict:
     without = hot_rows.host_rows_read(hasher, batch, engram, None, BATCH)
     sizes = [64, 256, 1024, 4096, 16_384, 65_536]
     rows = {i: engram.table_rows(i) for i in engram.layer_ids}
+    # The engine's own reads: the decode step's lookup (hot.lookup, compiled) fed each step's
+    # ids of the 8 sequences, host tables; rows it gathers, fallbacks, and its output
+    # against the plain lookup's.
+    tables = Tables(engram.replace(placement="host", lookup_capacity_factor=0.0),
+                    sharding.make_mesh(sharding.MeshConfig()), RowOptimizer("sgd"))
+    state_rows = tables.create(jax.random.key(1)).rows
+    step_ids = {i: v[:, :ENGINE_STEPS] for i, v in hasher(batch[:, :ENGINE_STEPS]).items()}  # [B, T, H]
+    plain = jax.jit(lambda r, i: tables.lookup(r, i)[0])
+    engine_lookup = jax.jit(lambda r, h, i: h.lookup(tables, r, i))
+    per_step = len(engram.layer_ids) * tables.rows_read(BATCH * engram.num_heads)
+
+    def engine_reads(cache) -> dict:
+        read = fallbacks = 0
+        for t in range(ENGINE_STEPS):
+            ids = {i: jnp.asarray(v[:, t: t + 1]) for i, v in step_ids.items()}
+            memory, reads = engine_lookup(state_rows, cache, ids)
+            read, fallbacks = read + int(reads["table_rows"]), fallbacks + int(reads["fallback"])
+            if t % 64 == 0:  # the cache changes no number
+                want = plain(state_rows, ids)
+                assert all(np.array_equal(np.asarray(memory[i]), np.asarray(want[i])) for i in want)
+        return {"engine_rows_per_token": read / (ENGINE_STEPS * BATCH), "engine_fallback_steps": fallbacks}
+
     table = []
     for k in sizes:
         hot = {i: np.argsort(-calibration[i], kind="stable")[:k] for i in engram.layer_ids}
+        cache = hot_rows.HotRows.build(calibration, state_rows, engram, k)
         table.append({"k": k, "share_of_table": {i: k / rows[i] for i in rows},
                       "hit_rate": hot_rows.hit_rate(evaluation, calibration, k),
-                      "host_rows_per_token": hot_rows.host_rows_read(hasher, batch, engram, hot, BATCH)})
+                      "host_rows_per_token": hot_rows.host_rows_read(hasher, batch, engram, hot, BATCH),
+                      "miss_share": cache.miss_share, **engine_reads(cache)})
     if args.plot:
         import matplotlib
 
@@ -203,6 +231,7 @@ def part_hot_rows(args) -> dict:
         fig.savefig(args.plot, dpi=120)
     return {"table_rows": rows, "head_dim": engram.head_dim, "calibration_tokens": int(train.size),
             "evaluation_tokens": int(valid.size), "host_rows_per_token_without_cache": without,
+            "engine_rows_per_token_without_cache": per_step / BATCH, "engine_steps": ENGINE_STEPS,
             "bytes_per_row": engram.head_dim * 4, "by_k": table}
 
 

@@ -141,7 +141,7 @@ def _lookup_gather_scatter(tables: Tables, rows, flat_ids, layout):
     everywhere = PartitionSpec(tables.axes)
 
     def local(table, ids):
-        inverse, _, _, unique, _ = tables._plan(ids, layout, ids.shape[0])
+        inverse, _, _, unique = tables._plan(ids, layout, ids.shape[0], jnp.int32(0))
         everyone = jax.lax.all_gather(unique, tables.axes, tiled=True)  # [D * U]
         local_row = everyone - jax.lax.axis_index(tables.axes) * layout.rows_per_shard
         mine = (everyone >= 0) & (local_row >= 0) & (local_row < layout.rows_per_shard)
@@ -161,7 +161,7 @@ def part_lookup(args) -> dict:
     rows = state.tables.rows[f"layer_{layer}"]
     ids = tables.global_ids(step.batch()["hash_ids"])[layer]
     flat, _ = tables._flat(ids, -1)
-    variants = {"all_to_all_buckets": jax.jit(lambda r, i: tables._lookup_layer(r, i, layout)[0]),
+    variants = {"all_to_all_buckets": jax.jit(lambda r, i: tables._lookup_layer(r, i, layout, jnp.int32(0))[0]),
                 "all_gather_reduce_scatter": jax.jit(lambda r, i: _lookup_gather_scatter(tables, r, i, layout))}
     out = {}
     results = {}

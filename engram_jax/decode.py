@@ -112,6 +112,11 @@ class Generation:
         past a prompt's end hold what the loop computed for its padding).
       prompt_logits: with `return_logits`, float32 [B, P, V] of the prefill (position
         t predicts token t + 1; positions past a prompt's length are padding).
+      table_rows_read: row slots the compiled programs gathered from the Engram tables
+        (host memory with host placement), prefill and decode, over layers and the
+        batch bucket: bytes = this x the row width x the table's itemsize.
+      hot_fallbacks: programs (the prefill, decode steps) whose hot-row misses did not
+        fit the cache's table read and were read again with full buckets.
     """
 
     tokens: list[list[int]]
@@ -120,6 +125,8 @@ class Generation:
     seconds: float
     logits: np.ndarray | None = None
     prompt_logits: np.ndarray | None = None
+    table_rows_read: int = 0
+    hot_fallbacks: int = 0
 
 
 def _bucket(n: int, smallest: int) -> int:
@@ -166,23 +173,28 @@ class Decoder:
         """A zero cache (`model.cache_shapes`) for `batch` sequences of `length` slots."""
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), model_lib.cache_shapes(self.config, batch, length))
 
-    def _memory(self, rows, hot, hash_ids: dict) -> dict:
-        """`{layer: [B, T, H]}` hash ids -> `{layer: [B, T, d_mem]}` rows via the table engine
-        (and the hot-row cache `hot`, when there is one)."""
+    def _memory(self, rows, hot, hash_ids: dict) -> tuple[dict, jax.Array, jax.Array]:
+        """`{layer: [B, T, H]}` hash ids -> (`{layer: [B, T, d_mem]}` rows via the table
+        engine and the hot-row cache `hot`, when there is one; row slots gathered from
+        the tables; 1 if the hot-row cache's misses did not fit its read)."""
         if self.tables is None:
-            return {}
+            return {}, jnp.int32(0), jnp.int32(0)
         if hot is not None:
-            return hot.lookup(self.tables, rows, hash_ids, jnp.float32)
+            memory, reads = hot.lookup(self.tables, rows, hash_ids, jnp.float32)
+            return memory, reads["table_rows"], reads["fallback"]
         memory, _ = self.tables.lookup(rows, hash_ids, jnp.float32)
-        return memory
+        slots = next(iter(hash_ids.values())).size
+        return memory, jnp.int32(len(hash_ids) * self.tables.rows_read(slots)), jnp.int32(0)
 
     def _prefill(self, variables, rows, hot, hasher, tokens, lengths, key, *, length: int, sampling: SamplingConfig):
         """Prompts [B, P] (right-padded), lengths [B] -> (first new tokens [B], their logits
-        [B, V], the prefill's logits [B, P, V], cache, Engram context [B, N - 1])."""
+        [B, V], the prefill's logits [B, P, V], cache, Engram context [B, N - 1], reads
+        [2]: table row slots gathered and hot-row fallbacks)."""
         b, p = tokens.shape
         hash_ids = hasher(tokens) if hasher is not None else {}  # {layer: [B, P, H]}
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))  # [B, P]
-        logits, cache = self._model.apply(variables, tokens, self._memory(rows, hot, hash_ids), positions=positions,
+        memory, read, fallback = self._memory(rows, hot, hash_ids)
+        logits, cache = self._model.apply(variables, tokens, memory, positions=positions,
                                           cache=self.empty_cache(b, length))  # [B, P, V]
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
         context = None
@@ -190,21 +202,24 @@ class Decoder:
             lead = hasher.max_ngram_size - 1
             padded = jnp.concatenate([jnp.full((b, lead), hasher.pad_id, jnp.int32), tokens], 1)  # [B, N - 1 + P]
             context = jnp.take_along_axis(padded, lengths[:, None] + jnp.arange(lead)[None], axis=1)  # [B, N - 1]
-        return sample(last, key, sampling), last, logits, cache, context
+        return sample(last, key, sampling), last, logits, cache, context, jnp.stack([read, fallback])
 
     def _step(self, variables, rows, hot, hasher, token, position, context, cache):
-        """One cached step: token [B] at position [B] -> (logits [B, V], cache, context)."""
+        """One cached step: token [B] at position [B] -> (logits [B, V], cache, context,
+        reads [2]: table row slots gathered, hot-row fallback)."""
         hash_ids = {}
         if hasher is not None:
             step_ids, context = hasher.step(context, token)  # {layer: [B, H]}
             hash_ids = {layer: ids[:, None] for layer, ids in step_ids.items()}  # [B, 1, H]
-        logits, cache = self._model.apply(variables, token[:, None], self._memory(rows, hot, hash_ids),
+        memory, read, fallback = self._memory(rows, hot, hash_ids)
+        logits, cache = self._model.apply(variables, token[:, None], memory,
                                           positions=position[:, None], cache=cache)  # [B, 1, V]
-        return logits[:, 0], cache, context
+        return logits[:, 0], cache, context, jnp.stack([read, fallback])
 
     def _loop(self, variables, rows, hot, hasher, first, first_logits, lengths, active, context, cache, key,
               max_new_tokens, eod_id, *, sampling: SamplingConfig, return_logits: bool):
-        """The decode loop from the first new tokens [B]: (tokens [B, S], steps, logits)."""
+        """The decode loop from the first new tokens [B]: (tokens [B, S], steps, logits,
+        reads [2] summed over the steps)."""
         b = first.shape[0]
         s = self._cache_length(cache)
         out = jnp.zeros((b, s), jnp.int32).at[:, 0].set(first)  # [B, S]; at most S new tokens
@@ -217,17 +232,17 @@ class Decoder:
             return (i < max_new_tokens) & ~jnp.all(done)
 
         def body(state):
-            i, token, position, done, context, cache, out, kept = state
-            logits, cache, context = self._step(variables, rows, hot, hasher, token, position, context, cache)
+            i, token, position, done, context, cache, out, kept, reads = state
+            logits, cache, context, read = self._step(variables, rows, hot, hasher, token, position, context, cache)
             nxt = jnp.where(done, eod_id, sample(logits, jax.random.fold_in(key, i), sampling))
             out = out.at[:, i].set(nxt)
             if return_logits:
                 kept = kept.at[:, i].set(logits)
-            return i + 1, nxt, position + 1, done | (nxt == eod_id), context, cache, out, kept
+            return i + 1, nxt, position + 1, done | (nxt == eod_id), context, cache, out, kept, reads + read
 
-        state = (jnp.int32(1), first, lengths, done, context, cache, out, kept)
-        steps, *_, out, kept = jax.lax.while_loop(cond, body, state)
-        return out, steps, kept
+        state = (jnp.int32(1), first, lengths, done, context, cache, out, kept, jnp.zeros((2,), jnp.int32))
+        steps, *_, out, kept, reads = jax.lax.while_loop(cond, body, state)
+        return out, steps, kept, reads
 
     @staticmethod
     def _cache_length(cache: dict) -> int:
@@ -305,13 +320,14 @@ class Decoder:
         padded_lengths = np.asarray(lengths + [1] * (b - len(prompts)), np.int32)
         active = np.arange(b) < len(prompts)
         key = jax.random.key(seed)
-        first, first_logits, prompt_logits, cache, context = self._prefill_jit(
+        first, first_logits, prompt_logits, cache, context, prefill_reads = self._prefill_jit(
             self.variables, self.rows, self.hot_rows, self.hasher, tokens, padded_lengths, jax.random.fold_in(key, 0),
             length=length, sampling=sampling)
-        out, steps, kept = self._loop_jit(self.variables, self.rows, self.hot_rows, self.hasher, first, first_logits,
+        out, steps, kept, reads = self._loop_jit(self.variables, self.rows, self.hot_rows, self.hasher, first, first_logits,
                                           padded_lengths, active, context, cache, key, np.int32(max_new_tokens),
                                           np.int32(eod_id), sampling=sampling, return_logits=return_logits)
         out, steps = np.asarray(out), int(steps)
+        table_rows, fallbacks = (np.asarray(prefill_reads) + np.asarray(reads)).tolist()
         new, finished = [], []
         for row in out[: len(prompts), :steps]:
             ends = np.flatnonzero(row == eod_id)
@@ -319,4 +335,5 @@ class Decoder:
             finished.append(bool(ends.size))
         logits = np.asarray(kept)[: len(prompts), :max_new_tokens] if return_logits else None
         return Generation(new, finished, steps, time.perf_counter() - start, logits,
-                          np.asarray(prompt_logits)[: len(prompts)] if return_logits else None)
+                          np.asarray(prompt_logits)[: len(prompts)] if return_logits else None,
+                          table_rows, fallbacks)

@@ -8,13 +8,15 @@ misses: their ids are passed as -1, which the engine neither fetches nor reads.
 
     counts = count_rows(hasher, calibration_ids, config)       # NumPy, on the host
     hot = HotRows.build(counts, rows, config, k=4096)          # [K] ids + [K, Dh] rows per layer
-    memory = hot.lookup(tables, rows, hash_ids)                # == tables.lookup(rows, hash_ids)[0]
+    memory, reads = hot.lookup(tables, rows, hash_ids)         # memory == tables.lookup(rows, hash_ids)[0]
 
-The engine's programs have static shapes: its host gather and copy have one slot per
-id whether it is a hit or not, so in a compiled step the cache saves host reads of
-distinct rows only where the engine de-duplicates (the rows it gathers are the unique
-missed ids; padding slots read row 0). `host_rows_read` measures what a step needs
-from host memory with and without the cache: the distinct missed rows.
+The engine's programs have static shapes: a lookup gathers shards x C rows per device
+whatever the ids (`Tables.rows_read`). So the misses are read with a small bucket, C
+sized for the share of a step's ids expected to miss (`miss_share`, by default from
+the calibration counts) with room to spare; a step whose misses do not fit (the engine
+counts the ids it would drop) reads them again with full buckets (`lax.cond`, so only
+such a step pays twice). What a step gathers from the table, and whether it fell back,
+come back with the memory vectors: a compiled step's host reads fall with the hit rate.
 
 Shapes: B batch, T time, H heads, K hot rows, Dh row width.
 """
@@ -22,6 +24,8 @@ Shapes: B batch, T time, H heads, K hot rows, Dh row width.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+import math
 
 import chex
 import flax.struct
@@ -65,22 +69,34 @@ class HotRows:
     Attributes:
       ids: `{layer_key: [K] int32}` global rows, ascending.
       rows: `{layer_key: [K, Dh]}` their values, in the table's dtype.
+      miss_share: the share of a lookup's ids expected to miss (static). The table read
+        has room for m = miss_share x ids per device / shards misses per bucket plus
+        slack for a step that misses more (C = m + 3 sqrt(m) + 2); 1 reads as many rows
+        as the ids, as the engine alone does.
     """
 
     ids: dict
     rows: dict
+    miss_share: float = flax.struct.field(pytree_node=False, default=1.0)
 
     @classmethod
     def build(cls, counts: Mapping[int, np.ndarray], table_rows: Mapping[str, jax.Array],
-              config: EngramConfig, k: int) -> HotRows:
+              config: EngramConfig, k: int, miss_share: float | None = None) -> HotRows:
         """The top-k rows of every layer by `counts`, copied out of the tables.
 
+        Args:
+          miss_share: see the attribute; None: 1.25 x the share of the counted reads the
+            top-k rows miss (the layer that misses most), at most 1.
+
         Raises:
-          ValueError: k < 1, or k larger than a layer's table (one line).
+          ValueError: k < 1, k larger than a layer's table, or miss_share outside (0, 1]
+            (one line).
         """
         if k < 1:
             raise ValueError(f"the hot-row count must be >= 1, got {k}")
-        ids, rows = {}, {}
+        if miss_share is not None and not 0 < miss_share <= 1:
+            raise ValueError(f"miss_share must be in (0, 1], got {miss_share}")
+        ids, rows, served = {}, {}, []
         for layer in config.layer_ids:
             size = config.table_rows(layer)
             if k > size:
@@ -89,15 +105,31 @@ class HotRows:
             table = np.asarray(table_rows[layer_key(layer)])  # host copy: a table is read once, here
             ids[layer_key(layer)] = jnp.asarray(top)
             rows[layer_key(layer)] = jnp.asarray(table[top])
-        return cls(ids=ids, rows=rows)
+            served.append(counts[layer][top].sum() / max(1, counts[layer].sum()))
+        if miss_share is None:
+            miss_share = float(min(1.0, 1.25 * (1 - min(served))))
+        return cls(ids=ids, rows=rows, miss_share=max(miss_share, 1e-6))
 
     @property
     def size(self) -> int:
         return next(iter(self.ids.values())).shape[0]
 
-    def lookup(self, tables, table_rows, hash_ids: Mapping[int, jax.Array], dtype=jnp.float32) -> dict:
-        """The memory vectors `{layer: [B, T, H * Dh]}`: hits from this cache, misses
-        through `tables` (which gets -1 for every hit). Equal to `tables.lookup`'s."""
+    def capacity(self, tables, ids: int) -> int:
+        """C for a lookup of `ids` id slots (per layer) by `tables`."""
+        local = -(-ids // tables.devices)
+        expected = self.miss_share * local / next(iter(tables.layouts.values())).shards  # misses per bucket
+        return min(local, math.ceil(expected + 3 * math.sqrt(expected) + 2))
+
+    def lookup(self, tables, table_rows, hash_ids: Mapping[int, jax.Array],
+               dtype=jnp.float32) -> tuple[dict, dict]:
+        """The memory vectors `{layer: [B, T, H * Dh]}`, equal to `tables.lookup`'s: hits
+        from this cache, misses through `tables` (which gets -1 for every hit).
+
+        Returns:
+          (memory, reads): reads `{"table_rows": int32, "fallback": int32}`: the row slots
+          gathered from the tables (over layers and devices) and 1 if the misses did not
+          fit and were read again with full buckets.
+        """
         hits, missed_ids = {}, {}
         for layer, ids in hash_ids.items():
             chex.assert_rank(ids, 3)
@@ -108,13 +140,19 @@ class HotRows:
             hit = (self.ids[key][slot] == wanted) & (wanted >= 0)
             hits[layer] = (hit, self.rows[key][slot])  # [B, T, H], [B, T, H, Dh]
             missed_ids[layer] = jnp.where(hit, -1, ids)
-        missed, _ = tables.lookup(table_rows, missed_ids, dtype)
+        slots = next(iter(hash_ids.values())).size  # ids per layer (every layer has B x T x H)
+        capacity = self.capacity(tables, slots)
+        missed, stats = tables.lookup(table_rows, missed_ids, dtype, capacity=capacity)
+        over = sum(stats[f"engram_dropped_ids/{layer}"] for layer in hash_ids) > 0
+        missed = jax.lax.cond(over, lambda: tables.lookup(table_rows, missed_ids, dtype)[0], lambda: missed)
+        layers = len(hash_ids)
+        read = layers * (tables.rows_read(slots, capacity) + jnp.where(over, tables.rows_read(slots), 0))
         out = {}
         for layer, (hit, rows) in hits.items():
             b, t, h = hit.shape
             host = missed[layer].reshape(b, t, h, -1)  # [B, T, H, Dh]
             out[layer] = jnp.where(hit[..., None], rows.astype(dtype), host).reshape(b, t, -1)  # [B, T, H * Dh]
-        return out
+        return out, {"table_rows": jnp.asarray(read, jnp.int32), "fallback": over.astype(jnp.int32)}
 
 
 def hit_rate(counts_eval: Mapping[int, np.ndarray], counts_calibration: Mapping[int, np.ndarray],

@@ -376,7 +376,8 @@ class Tables:
     # ------------------------------------------------------------------ lookup
 
     def lookup(self, rows: Mapping[str, jax.Array], hash_ids: Mapping[int, jax.Array],
-               dtype=jnp.float32, salt: jax.Array | int = 0) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
+               dtype=jnp.float32, salt: jax.Array | int = 0,
+               capacity: int | None = None) -> tuple[dict[int, jax.Array], dict[str, jax.Array]]:
         """The memory vectors e_t of every Engram layer.
 
         Args:
@@ -385,6 +386,10 @@ class Tables:
           dtype: dtype of the returned vectors.
           salt: which ids a full bucket drops (`_plan`); the train step passes its step,
             and `push` must get the same.
+          capacity: C, ids per destination bucket, overriding `lookup_capacity_factor`'s
+            (at most the ids per device). Each device reads shards x C rows per layer
+            whatever the ids, so a small C reads few rows and drops the rest (counted):
+            `hot_rows.HotRows` reads its misses this way.
 
         Returns:
           (`{layer: [B, T, H * Dh]}`, counters summed over devices: per layer
@@ -398,7 +403,7 @@ class Tables:
         for i, ids in self.global_ids(hash_ids).items():
             layout, table = self.layouts[i], rows[layer_key(i)]
             flat, n = self._flat(ids, -1)  # [n']
-            got, lost, dropped_ids, unique = self._lookup_layer(table, flat, layout, salt)
+            got, lost, dropped_ids, unique = self._lookup_layer(table, flat, layout, salt, capacity)
             b, t, h = ids.shape
             memory[i] = got[:n].reshape(b, t, h * layout.dim).astype(dtype)  # [B, T, H * Dh]
             positions = jnp.sum(jnp.any(lost[:n].reshape(b, t, h), axis=-1))  # [B, T] any head lost
@@ -406,9 +411,18 @@ class Tables:
             stats[f"engram_dropped_ids/{i}"], stats[f"engram_unique/{i}"] = dropped_ids, unique
         return memory, stats
 
-    def _lookup_layer(self, table, flat_ids, layout: TableLayout, salt):
+    def rows_read(self, ids: int, capacity: int | None = None) -> int:
+        """Row slots one layer's lookup of `ids` id slots gathers from its table, summed
+        over devices: every device gathers shards x C rows (its buckets' static shape),
+        whatever the ids' values, so this is also what a host table's lookup copies."""
+        local = -(-ids // self.devices)
+        c = self.capacity(local) if capacity is None else max(1, min(capacity, local))
+        return self.devices * next(iter(self.layouts.values())).shards * c
+
+    def _lookup_layer(self, table, flat_ids, layout: TableLayout, salt, capacity: int | None = None):
         everywhere = PartitionSpec(self.axes)
-        capacity = self.capacity(flat_ids.shape[0] // self.devices)
+        local_ids = flat_ids.shape[0] // self.devices
+        capacity = self.capacity(local_ids) if capacity is None else max(1, min(capacity, local_ids))
 
         def local(table, ids, salt):  # table [R, Dh] (this shard), ids [U] (this device)
             inverse, owner, position, unique = self._plan(ids, layout, capacity, salt)

@@ -193,16 +193,29 @@ def test_hot_rows_serve_hits_and_change_no_logit(setup, greedy):
     tokens = np.asarray([s[:12] for s in sequences if len(s) >= 12], np.int32)
     ids = {layer: jnp.asarray(v) for layer, v in setup.hasher(tokens).items()}
     want, _ = jax.jit(setup.tables.lookup)(setup.rows, ids)
-    got = jax.jit(lambda r, h, i: h.lookup(setup.tables, r, i))(setup.rows, hot, ids)
+    lookup = jax.jit(lambda r, h, i: h.lookup(setup.tables, r, i))
+    got, reads = lookup(setup.rows, hot, ids)
     for layer in engram.layer_ids:
         np.testing.assert_array_equal(np.asarray(got[layer]), np.asarray(want[layer]))
         rows = hot_rows.global_rows(engram, layer, np.asarray(ids[layer]))
         assert 0.3 < np.isin(rows, np.asarray(hot.ids[table.layer_key(layer)])).mean() < 1
-    # Through the decoder: the same tokens and logits.
+    # The misses are read with buckets sized for them: fewer rows than the engine's lookup.
+    full = len(ids) * setup.tables.rows_read(ids[1].size)
+    assert hot.miss_share < 1 and int(reads["fallback"]) == 0 and 0 < int(reads["table_rows"]) < full
+    # Misses that overflow a tight read are read again with full buckets: same numbers, counted.
+    tight = hot_rows.HotRows.build(counts, setup.rows, engram, k=1, miss_share=1e-3)  # C = 2 ids per bucket
+    ids = {layer: jnp.asarray(v) for layer, v in setup.hasher(np.concatenate(sequences)[None]).items()}
+    want, _ = jax.jit(setup.tables.lookup)(setup.rows, ids)
+    got, reads = lookup(setup.rows, tight, ids)
+    for layer in engram.layer_ids:
+        np.testing.assert_array_equal(np.asarray(got[layer]), np.asarray(want[layer]))
+    assert int(reads["fallback"]) == 1 and int(reads["table_rows"]) > len(ids) * setup.tables.rows_read(ids[1].size)
+    # Through the decoder: the same tokens and logits, fewer table rows read.
     out = Decoder(setup.config, setup.variables, setup.tables, setup.rows, setup.hasher, EOD,
                   hot_rows=hot).generate(PROMPTS, NEW, return_logits=True)
     assert out.tokens == greedy.tokens
     assert _relative(out.logits, greedy.logits) < TOLERANCE
+    assert 0 < out.table_rows_read < greedy.table_rows_read and greedy.hot_fallbacks == 0
 
 
 def test_a_hot_row_count_larger_than_the_table_is_named():
@@ -221,11 +234,11 @@ def test_an_off_by_one_position_would_be_caught(setup, greedy):
     for b, prompt in enumerate(PROMPTS):
         tokens[b, : len(prompt)] = prompt
     lengths = np.asarray([len(p) for p in PROMPTS] + [1], np.int32)
-    first, _, _, cache, context = d._prefill_jit(d.variables, d.rows, None, None, tokens, lengths,
+    first, _, _, cache, context, _ = d._prefill_jit(d.variables, d.rows, None, None, tokens, lengths,
                                                  jax.random.fold_in(jax.random.key(0), 0), length=64,
                                                  sampling=SamplingConfig())
     step = jax.jit(d._step)
     for shift, close in ((0, True), (1, False)):  # the first token fed at its position, or one slot later
-        logits, _, _ = step(d.variables, d.rows, None, None, first, jnp.asarray(lengths + shift), context, cache)
+        logits, *_ = step(d.variables, d.rows, None, None, first, jnp.asarray(lengths + shift), context, cache)
         error = _relative(np.asarray(logits)[:3], greedy.logits[:, 1])
         assert (error < TOLERANCE) if close else (error > 100 * TOLERANCE), (shift, error)

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -262,6 +263,7 @@ def test_engram_eval_generates_a_prompts_file_from_host_tables_and_hot_rows(stra
                       "--set", "model.engram.placement=host", "--hot-rows", "64")
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stdout and "hot rows: 64 per layer" in result.stdout
+    assert re.search(r"host table reads: [\d.,]+ rows \([\d,]+ bytes\) per new token", result.stdout)
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["prompt"] for line in lines] == prompts
     # The run's device tables, no hot rows, in this process: the same greedy continuations.

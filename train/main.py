@@ -242,6 +242,12 @@ def _generate(trained, prompts: list[str], args, sampling) -> list[str]:
     where = sys.stderr if args.prompts_file and not args.output else sys.stdout
     print(f"generated {new} tokens for {len(prompts)} prompts in {out.seconds:.2f} s: "
           f"{new / max(out.seconds, 1e-9):.1f} tokens/s{note}", file=where)
+    if trained.tables is not None and trained.tables.host:
+        row = next(iter(trained.rows.values()))
+        per_token = out.table_rows_read / max(new, 1)
+        fallbacks = f"; {out.hot_fallbacks} programs read their hot-row misses twice" if out.hot_fallbacks else ""
+        print(f"host table reads: {per_token:,.1f} rows ({per_token * row.shape[-1] * row.dtype.itemsize:,.0f} bytes) "
+              f"per new token, prompts included{fallbacks}", file=where)
     return texts
 
 
