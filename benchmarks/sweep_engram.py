@@ -16,7 +16,8 @@ into `--out`. The ablation and table-size overrides are written for `tiny`'s Eng
 
 Caveats, for reading the numbers: the allocation's rho = 1 point is the baseline preset,
 whose activated parameters lack Engram's own projections (a few percent of tiny's), and
-one seed per call (`--seed 1` records a second; the plot shows one seed); the N-gram
+one seed per call (`--seed 1` records a second; the allocation plot draws every recorded
+seed and their mean); the N-gram
 order variants keep the total table rows of the preset's two orders and the width per
 order, so their memory vector d_mem (and Engram's activated parameters) changes with N;
 "single_branch" gates one stream, read and written by an mHC map of its own (more
@@ -83,11 +84,15 @@ def allocation_variants(config: str) -> dict[str, tuple[str, list[str]]]:
     return variants
 
 
-def _draw_line(points: list[tuple[float, float]], xlabel: str, title: str, out: pathlib.Path,
-               log_x: bool = False) -> None:
-    """Final validation loss (y) against one swept quantity (x)."""
+def _draw_line(points: list[tuple[float, float]] | dict[str, list[tuple[float, float]]], xlabel: str, title: str,
+               out: pathlib.Path, log_x: bool = False) -> None:
+    """Final validation loss (y) against one swept quantity (x); a dict draws one labelled
+    line per entry (e.g. per seed)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot([x for x, _ in points], [f for _, f in points], marker="o")
+    for label, line in (points.items() if isinstance(points, dict) else [(None, points)]):
+        ax.plot([x for x, _ in line], [f for _, f in line], marker="o", label=label)
+    if isinstance(points, dict):
+        ax.legend()
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -99,10 +104,17 @@ def _draw_line(points: list[tuple[float, float]], xlabel: str, title: str, out: 
     plt.close(fig)
 
 
-def draw_allocation(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
-    """Final validation loss against memory's share of the sparse budget (Fig. 3 left)."""
-    points = sorted((int(v.removeprefix("memory_").removesuffix("pct")), f) for v, f in finals.items())
-    _draw_line(points, "memory's share of the sparse parameters, % (1 - rho)", title, out)
+def draw_allocation(finals: dict[int, dict[str, float]], title: str, out: pathlib.Path) -> None:
+    """Final validation loss against memory's share of the sparse budget (Fig. 3 left),
+    one line per seed ({seed: {variant: loss}}) and their mean where every seed has the point."""
+    def share(v: str) -> int:
+        return int(v.removeprefix("memory_").removesuffix("pct"))
+
+    lines = {f"seed {seed}": sorted((share(v), f) for v, f in by.items()) for seed, by in sorted(finals.items())}
+    if len(finals) > 1:
+        common = set.intersection(*(set(by) for by in finals.values()))
+        lines["mean"] = sorted((share(v), sum(by[v] for by in finals.values()) / len(finals)) for v in common)
+    _draw_line(lines, "memory's share of the sparse parameters, % (1 - rho)", title, out)
 
 
 def draw_table_size(finals: dict[str, float], title: str, out: pathlib.Path) -> None:
@@ -171,8 +183,16 @@ def main() -> None:
         draw_bars(finals, f"{args.config}: Engram ablations, {what}", args.out)
     elif args.sweep == "table_size":
         draw_table_size(finals, f"{args.config}: table size alone, {what}", args.out)
-    else:
-        draw_allocation(finals, f"{args.config}: sparse budget between experts and memory, {what}", args.out)
+    else:  # every recorded seed of these variants, one line each
+        by_seed = {args.seed: finals}
+        for path in sorted(args.record.glob(f"{args.config}*_steps{args.steps}_seed*")):
+            seed = int(path.name.rsplit("_seed", 1)[1])
+            variant = next((v for v in variants if path.name.endswith(f"_{v}_steps{args.steps}_seed{seed}")), None)
+            if seed != args.seed and variant and (path / "metrics.jsonl").is_file():
+                by_seed.setdefault(seed, {})[variant] = _recorded_final(path)["val_loss"]
+        seeds = ", ".join(map(str, sorted(by_seed)))
+        draw_allocation(by_seed, f"{args.config}: sparse budget between experts and memory, {args.steps} steps, "
+                        f"seed{'s' if len(by_seed) > 1 else ''} {seeds}", args.out)
     default = finals.get("default", finals.get("rows_x1", finals.get("memory_0pct")))
     print(json.dumps({"benchmark": f"sweep_{args.sweep}", "config": args.config, "steps": args.steps, "seed": args.seed,
                       "overrides": args.overrides, "runs": runs,
