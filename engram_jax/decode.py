@@ -323,9 +323,9 @@ class Decoder:
         first, first_logits, prompt_logits, cache, context, prefill_reads = self._prefill_jit(
             self.variables, self.rows, self.hot_rows, self.hasher, tokens, padded_lengths, jax.random.fold_in(key, 0),
             length=length, sampling=sampling)
-        out, steps, kept, reads = self._loop_jit(self.variables, self.rows, self.hot_rows, self.hasher, first, first_logits,
-                                          padded_lengths, active, context, cache, key, np.int32(max_new_tokens),
-                                          np.int32(eod_id), sampling=sampling, return_logits=return_logits)
+        out, steps, kept, reads = self._loop_jit(
+            self.variables, self.rows, self.hot_rows, self.hasher, first, first_logits, padded_lengths, active, context,
+            cache, key, np.int32(max_new_tokens), np.int32(eod_id), sampling=sampling, return_logits=return_logits)
         out, steps = np.asarray(out), int(steps)
         table_rows, fallbacks = (np.asarray(prefill_reads) + np.asarray(reads)).tolist()
         new, finished = [], []

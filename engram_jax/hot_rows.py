@@ -23,9 +23,8 @@ Shapes: B batch, T time, H heads, K hot rows, Dh row width.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import math
+from collections.abc import Iterable, Mapping
 
 import chex
 import flax.struct
