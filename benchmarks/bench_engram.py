@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -219,6 +220,10 @@ def parts(args, branches: int) -> dict:
 
 def reference(args, branches: int) -> dict | None:
     """DeepSeek's reference layer (PyTorch) against this layer, float32, alternating."""
+    # OpenMP's threads spin after each of torch's parallel regions by default, taking the
+    # cores from XLA's next call (measured here: JAX's times doubled when alternating);
+    # passive waiting lets the two runtimes take turns. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError:
@@ -305,6 +310,7 @@ def reference(args, branches: int) -> dict | None:
             samples[name].append(time.perf_counter() - start)
     ms = {name: float(np.median(s)) * 1e3 for name, s in samples.items()}
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             **{f"{name}_ms": round(v, 2) for name, v in ms.items()},
             "forward_speedup_vs_reference": round(ms["ref_fwd"] / ms["jax_fwd"], 2),
             "forward_backward_speedup_vs_reference": round(ms["ref_bwd"] / ms["jax_bwd"], 2)}

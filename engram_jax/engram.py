@@ -13,6 +13,11 @@ stream of G branches h[g] (G = 1 for a plain residual, G = 4 with mHC):
 
 W_V and the G keys are one fused matmul, [d_mem] -> [1 + G, D]. The caller adds Y to
 the residual stream before the block's attention (paper section 2.4).
+
+Everything after the matmul (gate, gated value, conv) is one function, `_mix`, with a
+hand-written backward (a custom_vjp): autodiff's backward of the same forward wrote
+about 38 [B, T, G, D] buffers at G = 4 on XLA:CPU and cost 4-5x the forward; see
+benchmarks/RESULTS.md, issue 20. Its forward is the plain one, op for op.
 """
 
 from __future__ import annotations
@@ -320,12 +325,14 @@ def _mix_forward(kv, h, params, spec: _MixSpec):
 def _mix_backward(spec: _MixSpec, saved, cotangents):
     """The hand-written backward of `_mix`, in float32 or wider.
 
-    Autodiff's backward of the same forward materialises about 40 [B, T, G, D] arrays
-    at G = 4 (pads of each conv tap's cotangent, layout copies around each RMSNorm,
-    a re-padded projection cotangent); this one recomputes u, the conv's input and its
-    pre-activation from kv and the [B, T, G] statistics, and writes the two cotangents
-    the caller needs, d kv [B, T, S, D] (one concatenate) and d h [B, T, G, D].
-    benchmarks/RESULTS.md (issue 20) has the side-by-side times.
+    Autodiff's backward of the same forward writes 38 [B, T, G, D] buffers at G = 4 on
+    XLA:CPU (each broadcast of a norm's scale or of a per-row statistic that feeds a
+    reduction, each conv tap's shifted input and cotangent, the re-padded projection
+    cotangent); this one writes 21. It recomputes u, the conv's input and its
+    pre-activation from kv and the [B, T, G] statistics, needs no row reduction for
+    the gate's norms (their mean(g x) is the score), and returns d kv [B, T, S, D]
+    with one concatenate and d h [B, T, G, D]. benchmarks/RESULTS.md (issue 20) has
+    the side-by-side times.
     """
     kv, h, params, (gate, score, inv_k, inv_q, inv_c) = saved
     d_y, d_gate_out = cotangents
