@@ -259,7 +259,7 @@ def test_hand_backward_matches_autodiff_of_the_forward(gating, short_conv, signe
     b, t, d, g = 2, 13, 8, branches
     kv = jnp.asarray(rng.normal(size=(b, t, 1 + g if gating else 1, d)), jnp.float32)
     hidden = jnp.asarray(rng.normal(size=(b, t, g, d)), jnp.float32)
-    params = {}
+    params = {"kv_bias": jnp.asarray(rng.normal(size=kv.shape[2:]), jnp.float32)}
     if gating:
         params["key_scale"] = jnp.asarray(1 + 0.3 * rng.normal(size=(g, d)), jnp.float32)
         params["query_scale"] = jnp.asarray(1 + 0.3 * rng.normal(size=(g, d)), jnp.float32)
