@@ -14,7 +14,7 @@ stream of G branches h[g] (G = 1 for a plain residual, G = 4 with mHC):
 W_V and the G keys are one fused matmul, [d_mem] -> [1 + G, D]. The caller adds Y to
 the residual stream before the block's attention (paper section 2.4).
 
-Everything after the matmul (gate, gated value, conv) is one function, `_mix`, with a
+Everything after the matmul (its bias, gate, gated value, conv) is one function, `_mix`, with a
 hand-written backward (a custom_vjp): autodiff's backward of the same forward wrote
 about 38 [B, T, G, D] buffers at G = 4 on XLA:CPU and cost 4-5x the forward; see
 benchmarks/RESULTS.md, issue 20. Its forward is the plain one, op for op.
