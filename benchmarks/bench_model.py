@@ -7,7 +7,14 @@ compilation is left out. Shapes (batch x seq): `tiny` 16 x 128, its training sha
 `small` 4 x 512, an eighth of its training batch (32 x 512), so that a CPU step takes
 seconds rather than a minute.
 
-    python benchmarks/bench_model.py [--repeats 5] [--sizes tiny,small]
+    python benchmarks/bench_model.py [--repeats 5] [--sizes tiny,small] [--no-baseline]
+
+The variants of one size are timed alternately (one step of each in turn), so that a
+shared machine's load falls on all alike. Each variant also reports the compiled step's
+FLOPs (XLA's `cost_analysis`, counted on the same model with nn.scan off); with Engram,
+`engram_extra_time` and `engram_extra_flops` are the preset's time and FLOPs over the
+same model without Engram, minus one (the issue-20 target: the first no more than the
+second plus 5 points).
 
 Prints one JSON object. On CPU, compare variants by their ratios.
 """
@@ -31,7 +38,8 @@ from engram_jax.table_optim import RowOptimizer
 SHAPES = {"tiny": (16, 128), "small": (4, 512)}
 
 
-def measure(config, batch: int, seq: int, repeats: int) -> dict:
+def build(config, batch: int, seq: int):
+    """The jitted train-step gradient of `config` and its arguments."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (batch, seq + 1))
     data = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
@@ -55,33 +63,56 @@ def measure(config, batch: int, seq: int, repeats: int) -> dict:
         loss = lambda p, memory: training.forward(config, p, moe_bias, batch, memory)[0]  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1))(p, memory)
 
-    jax.block_until_ready(step(params, rows, data))
-    samples = []
+    return step, (params, rows, data)
+
+
+def measure(configs_by_name: dict, batch: int, seq: int, repeats: int) -> dict:
+    """ms/step of each variant (steps interleaved), tokens/s and the compiled FLOPs."""
+    out = {}
+    for name, config in configs_by_name.items():
+        # XLA's cost analysis counts a loop's body once, so the FLOPs are those of the
+        # same model with every block unrolled (nn.scan off); the timed step is the preset's.
+        step, args = build(config.replace(scan_layers=False), batch, seq)
+        analysis = step.lower(*args).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        out[name] = {"gflops": round(float(analysis.get("flops", float("nan"))) / 1e9, 2)}
+    steps = {name: build(config, batch, seq) for name, config in configs_by_name.items()}
+    for step, args in steps.values():
+        jax.block_until_ready(step(*args))
+    samples = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, rows, data))
-        samples.append(time.perf_counter() - start)
-    seconds = float(np.median(samples))
-    return {"params": model.count_params(config).total, "ms_per_step": round(seconds * 1e3, 1),
-            "tokens_per_s": round(batch * seq / seconds)}
+        for name, (step, args) in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(*args))
+            samples[name].append(time.perf_counter() - start)
+    for name, config in configs_by_name.items():
+        seconds = float(np.median(samples[name]))
+        out[name].update({"params": model.count_params(config).total, "ms_per_step": round(seconds * 1e3, 1),
+                          "tokens_per_s": round(batch * seq / seconds)})
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--no-baseline", action="store_true", help="leave out the iso-parameter baseline")
     args = parser.parse_args()
     results = {}
     for size in args.sizes.split(","):
         batch, seq = SHAPES[size]
         preset = configs.get(size)
-        variants = {size: preset, f"{size} without engram": preset.replace(engram=None),
-                    f"{size}-baseline": configs.get(f"{size}-baseline")}
-        for name, config in variants.items():
-            results[name] = {"batch": batch, "seq": seq, **measure(config, batch, seq, args.repeats)}
+        variants = {size: preset, f"{size} without engram": preset.replace(engram=None)}
+        if not args.no_baseline:
+            variants[f"{size}-baseline"] = configs.get(f"{size}-baseline")
+        for name, r in measure(variants, batch, seq, args.repeats).items():
+            results[name] = {"batch": batch, "seq": seq, **r}
         base = results[size]["tokens_per_s"]
         for name in variants:
             results[name]["speed_vs_engram"] = round(results[name]["tokens_per_s"] / base, 3)
+        with_engram, without = results[size], results[f"{size} without engram"]
+        results[size]["engram_extra_time"] = round(with_engram["ms_per_step"] / without["ms_per_step"] - 1, 3)
+        results[size]["engram_extra_flops"] = round(with_engram["gflops"] / without["gflops"] - 1, 3)
     print(json.dumps({"benchmark": "model_forward_backward", "results": results,
                       "machine": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
                                   "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}},

@@ -13,11 +13,17 @@ stream of G branches h[g] (G = 1 for a plain residual, G = 4 with mHC):
 
 W_V and the G keys are one fused matmul, [d_mem] -> [1 + G, D]. The caller adds Y to
 the residual stream before the block's attention (paper section 2.4).
+
+Everything after the matmul (its bias, gate, gated value, conv) is one function, `_mix`, with a
+hand-written backward (a custom_vjp): autodiff's backward of the same forward wrote
+about 38 [B, T, G, D] buffers at G = 4 on XLA:CPU and cost 4-5x the forward; see
+benchmarks/RESULTS.md, issue 20. Its forward is the plain one, op for op.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -196,65 +202,269 @@ class EngramConfig(Config):
         )
 
 
-def _branch_norm(eps: float, dtype, param_dtype, name: str) -> nn.RMSNorm:
-    """RMSNorm over D with its own learnable weights per branch: scale [G, D]."""
-    return nn.RMSNorm(
-        epsilon=eps, dtype=dtype, param_dtype=param_dtype, reduction_axes=-1, feature_axes=(-2, -1),
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (BRANCH, EMBED)), name=name,
-    )
-
-
 def _fan_in_uniform(key, shape, dtype=jnp.float32):
     """U(-1/sqrt(taps), 1/sqrt(taps)): PyTorch's default for a depthwise Conv1d."""
     bound = 1 / math.sqrt(shape[0])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class ShortConv(nn.Module):
-    """SiLU of a causal, dilated, depthwise conv over RMSNorm'd branches (eq. 5).
+class _NormScale(nn.Module):
+    """The learnable weights of one RMSNorm per branch, scale [G, D] (flax's RMSNorm
+    layout, so checkpoints and `convert.py` see `<name>/scale`)."""
 
-    Channels are the G * D values of all branches side by side; each has its own
-    `kernel_size` taps, spaced `dilation` tokens apart, reading only the past.
-    """
-
-    kernel_size: int
-    dilation: int
-    eps: float
-    zero_init: bool = True
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, u: jnp.ndarray, cache: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None):
-        """[B, T, G, D] -> [B, T, G, D].
+    def __call__(self, shape: tuple[int, int]) -> jnp.ndarray:
+        return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (BRANCH, EMBED)),
+                          shape, self.param_dtype)
 
-        With a decoding cache [B, S, G, D] of the normalised inputs and positions [B, T],
-        the inputs are written at their positions and tap i reads slot
-        position - (kernel_size - 1 - i) * dilation (zero before slot 0); returns
-        ([B, T, G, D], the updated cache).
-        """
-        _, t, g, d = u.shape
-        x = _branch_norm(self.eps, self.dtype, self.param_dtype, "norm")(u)
+
+class ShortConv(nn.Module):
+    """The weights of the short conv (eq. 5): its RMSNorm's scale [G, D] and the
+    depthwise kernel [kernel_size, G, D]; the conv itself is `_mix` (training) or
+    `_conv_step` (decoding)."""
+
+    kernel_size: int
+    zero_init: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, g: int, d: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        scale = _NormScale(self.param_dtype, name="norm")((g, d))
         init = nn.initializers.zeros if self.zero_init else _fan_in_uniform
         kernel = self.param("kernel", nn.with_logical_partitioning(init, (TAPS, BRANCH, EMBED)),
                             (self.kernel_size, g, d), self.param_dtype)
-        kernel = kernel.astype(self.dtype)
-        if cache is not None:
-            rows = jnp.arange(u.shape[0])[:, None]  # [B, 1]
-            cache = cache.at[rows, positions].set(x.astype(cache.dtype), mode="drop")
-            y = 0
-            for i in range(self.kernel_size):
-                slot = positions - (self.kernel_size - 1 - i) * self.dilation  # [B, T]
-                tap = cache.at[rows, jnp.maximum(slot, 0)].get(mode="clip").astype(x.dtype)  # [B, T, G, D]
-                y = y + kernel[i] * jnp.where((slot >= 0)[..., None, None], tap, 0)
-            return nn.silu(y), cache
-        span = (self.kernel_size - 1) * self.dilation
-        padded = jnp.pad(x, ((0, 0), (span, 0), (0, 0), (0, 0)))  # [B, span + T, G, D]
-        # Tap i reads x[t - (kernel_size - 1 - i) * dilation]: PyTorch's cross-correlation.
-        y = sum(kernel[i] * padded[:, i * self.dilation : i * self.dilation + t]
-                for i in range(self.kernel_size))
-        return nn.silu(y)
+        return scale, kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixSpec:
+    """What `_mix` needs besides arrays (static under jit, hashable for the cache)."""
+
+    dtype: jnp.dtype  # compute dtype of the value, u and the conv
+    gating: bool
+    signed_sqrt: bool
+    gate_eps: float
+    short_conv: bool
+    conv_eps: float
+    dilation: int
+
+    @property
+    def wide(self):
+        """The gate's dtype (float32 or wider), also used for the whole backward."""
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+
+def _rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float, dtype):
+    """flax's RMSNorm over the last axis, op for op (so outputs are bit-equal).
+
+    Args:
+      x: [..., G, D].
+      scale: [G, D].
+
+    Returns:
+      (x / rms(x) * scale in `dtype`, 1 / rms(x) [..., G, 1] in float32 or wider).
+    """
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    xw = x.astype(wide)
+    inv = jax.lax.rsqrt(jnp.mean(jax.lax.square(xw), axis=-1, keepdims=True) + eps)  # [..., G, 1]
+    return (xw * (inv * scale)).astype(dtype), inv
+
+
+def _gate_of_score(score: jnp.ndarray, signed_sqrt: bool) -> jnp.ndarray:
+    """The gate from the scaled score s (eq. 4; the reference's signed square root)."""
+    if signed_sqrt:
+        score = jnp.sign(score) * jnp.sqrt(jnp.maximum(jnp.abs(score), _GATE_CLAMP))
+    return jax.nn.sigmoid(score)
+
+
+def _gated_value(kv, h, params, spec: _MixSpec):
+    """u = a_g v from the projection and the branches (eqs. 3-4).
+
+    Args:
+      kv: [B, T, S, D] the value (slot 0) and, with gating, one key per branch.
+      h: [B, T, G, D] the residual branches.
+      params: {"key_scale", "query_scale": [G, D]} (with gating).
+
+    Returns:
+      u [B, T, G, D] in spec.dtype and, with gating, (gate, score) [B, T, G] and the
+      inverse RMS of the keys and the queries [B, T, G, 1] (all float32 or wider);
+      without gating those four are None.
+    """
+    value = kv[:, :, :1]  # [B, T, 1, D]
+    if not spec.gating:
+        return jnp.broadcast_to(value, h.shape), None, None, None, None
+    key, inv_k = _rms_norm(kv[:, :, 1:].astype(spec.wide), params["key_scale"], spec.gate_eps, spec.wide)
+    query, inv_q = _rms_norm(h.astype(spec.wide), params["query_scale"], spec.gate_eps, spec.wide)
+    score = jnp.sum(key * query, axis=-1) / math.sqrt(h.shape[-1])  # [B, T, G]
+    gate = _gate_of_score(score, spec.signed_sqrt)
+    return gate[..., None].astype(spec.dtype) * value, gate, score, inv_k, inv_q  # u: [B, T, G, D]
+
+
+def _causal_taps(x: jnp.ndarray, kernel: jnp.ndarray, dilation: int) -> jnp.ndarray:
+    """Depthwise causal conv [B, T, G, D] -> [B, T, G, D]: tap i of kernel [K, G, D]
+    reads x[t - (K - 1 - i) * dilation] (PyTorch's cross-correlation), zero before 0."""
+    taps, t = kernel.shape[0], x.shape[1]
+    span = (taps - 1) * dilation
+    padded = jnp.pad(x, ((0, 0), (span, 0), (0, 0), (0, 0)))  # [B, span + T, G, D]
+    return sum(kernel[i] * padded[:, i * dilation : i * dilation + t] for i in range(taps))
+
+
+def _with_bias(kv, params, spec: _MixSpec):
+    """kv plus the projection's bias [S, D] when `params` has one, in spec.dtype."""
+    return kv + params["kv_bias"].astype(spec.dtype) if "kv_bias" in params else kv
+
+
+def _mix_forward(kv, h, params, spec: _MixSpec):
+    """Y and the gate from the projection and the branches; see `_mix`."""
+    u, gate, score, inv_k, inv_q = _gated_value(_with_bias(kv, params, spec), h, params, spec)
+    inv_c = None
+    y = u
+    if spec.short_conv:
+        x, inv_c = _rms_norm(u, params["conv_scale"], spec.conv_eps, spec.dtype)
+        y = u + nn.silu(_causal_taps(x, params["conv_kernel"].astype(spec.dtype), spec.dilation))
+    return (y, gate), (gate, score, inv_k, inv_q, inv_c)
+
+
+def _mix_backward(spec: _MixSpec, saved, cotangents):
+    """The hand-written backward of `_mix`, in float32 or wider.
+
+    Autodiff's backward of the same forward writes 38 [B, T, G, D] buffers at G = 4 on
+    XLA:CPU (each broadcast of a norm's scale or of a per-row statistic that feeds a
+    reduction, each conv tap's shifted input and cotangent, the re-padded projection
+    cotangent); this one writes 21. It recomputes u, the conv's input and its
+    pre-activation from kv and the [B, T, G] statistics, needs no row reduction for
+    the gate's norms (their mean(g x) is the score), and returns d kv [B, T, S, D]
+    with one concatenate and d h [B, T, G, D]. benchmarks/RESULTS.md (issue 20) has
+    the side-by-side times.
+    """
+    kv, h, params, (gate, score, inv_k, inv_q, inv_c) = saved
+    d_y, d_gate_out = cotangents
+    wide = spec.wide
+    kv = _with_bias(kv, params, spec)
+    value = kv[:, :, :1]  # [B, T, 1, D]
+    u = jnp.broadcast_to(value, h.shape) if gate is None else gate[..., None].astype(spec.dtype) * value
+    d_u = d_y.astype(wide)  # [B, T, G, D]
+    grads = {}
+    if spec.short_conv:
+        scale, kernel = params["conv_scale"], params["conv_kernel"]
+        taps, t = kernel.shape[0], u.shape[1]
+        span = (taps - 1) * spec.dilation
+        x = (u.astype(wide) * (inv_c * scale)).astype(spec.dtype)  # the forward's conv input
+        pre = _causal_taps(x, kernel.astype(spec.dtype), spec.dilation).astype(wide)
+        sig = jax.nn.sigmoid(pre)
+        d_pre = d_u * sig * (1 + pre * (1 - sig))  # SiLU'
+        past = jnp.pad(x.astype(wide), ((0, 0), (span, 0), (0, 0), (0, 0)))  # [B, span + T, G, D]
+        # Each tap's reduction reads its own shifted copy of x (measured: cheaper on
+        # XLA:CPU than slicing both operands, which copies both).
+        grads["conv_kernel"] = jnp.stack([
+            jnp.sum(d_pre * past[:, i * spec.dilation : i * spec.dilation + t], axis=(0, 1))
+            for i in range(taps)]).astype(kernel.dtype)  # [K, G, D]
+        future = jnp.pad(d_pre, ((0, 0), (0, span), (0, 0), (0, 0)))  # [B, T + span, G, D]
+        # Tap i's transpose: x[s] fed pre[s + (K - 1 - i) * dilation].
+        k_wide = kernel.astype(spec.dtype).astype(wide)
+        d_x = sum(k_wide[i] * future[:, (taps - 1 - i) * spec.dilation : (taps - 1 - i) * spec.dilation + t]
+                  for i in range(taps))
+        u_wide = u.astype(wide)
+        grads["conv_scale"] = jnp.sum(d_x * u_wide * inv_c, axis=(0, 1)).astype(scale.dtype)
+        d_normed = d_x * scale
+        # RMSNorm: d u = r g - u r^3 mean(g u), for x = u r scale, r = 1 / rms(u).
+        d_u = d_u + inv_c * d_normed - u_wide * inv_c**3 * jnp.mean(d_normed * u_wide, axis=-1, keepdims=True)
+    if gate is None:
+        d_kv = jnp.sum(d_u, axis=2, keepdims=True)  # [B, T, 1, D]
+        return _bias_grad(d_kv, kv, params, grads), jnp.zeros_like(h), grads
+    d_gate = jnp.sum(d_u * value.astype(wide), axis=-1) + d_gate_out  # [B, T, G]
+    gate_c = gate[..., None].astype(spec.dtype).astype(wide)  # [B, T, G, 1]
+    # Over the G branches as G slices: a reduction here would be a fusion of its own.
+    d_value = sum(d_u[:, :, i : i + 1] * gate_c[:, :, i : i + 1] for i in range(d_u.shape[2]))  # [B, T, 1, D]
+    _, score_vjp = jax.vjp(lambda s: _gate_of_score(s, spec.signed_sqrt), score)
+    root_d = math.sqrt(h.shape[-1])
+    d_dot = (score_vjp(d_gate)[0] / root_d)[..., None]  # d <key, query>: [B, T, G, 1]
+    k_scale, q_scale = params["key_scale"], params["query_scale"]
+    key = kv[:, :, 1:].astype(wide)
+    query = h.astype(wide)
+    # RMSNorm's backward d x = r (g - x r^2 mean(g x)) needs mean(g x) per row; for both
+    # norms here it is the score itself: sum(scale_k k r_k * scale_q q r_q) = s sqrt(D).
+    both = k_scale * q_scale  # [G, D]
+    score_c = (score / root_d)[..., None]  # [B, T, G, 1]
+    d_key = d_dot * inv_k * (both * (query * inv_q) - key * inv_k * score_c)
+    d_query = d_dot * inv_q * (both * (key * inv_k) - query * inv_q * score_c)
+    shared = jnp.sum(d_dot * inv_k * inv_q * key * query, axis=(0, 1))  # [G, D]
+    grads["key_scale"] = (shared * q_scale).astype(k_scale.dtype)
+    grads["query_scale"] = (shared * k_scale).astype(q_scale.dtype)
+    d_kv = jnp.concatenate([d_value, d_key], axis=2)  # [B, T, 1 + G, D]
+    return _bias_grad(d_kv, kv, params, grads), d_query.astype(h.dtype), grads
+
+
+def _bias_grad(d_kv, kv, params, grads):
+    """Adds the bias's gradient, summed from the wide cotangent (autodiff summed the
+    bfloat16 one: a reduce-window of 64 ms at M = 4 on XLA:CPU), and returns d kv
+    in kv's dtype."""
+    if "kv_bias" in params:
+        grads["kv_bias"] = jnp.sum(d_kv, axis=(0, 1)).astype(params["kv_bias"].dtype)  # [S, D]
+    return d_kv.astype(kv.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _mix_for(spec: _MixSpec):
+    """`_mix` with its hand-written backward, one per spec."""
+
+    @jax.custom_vjp
+    def mix(kv, h, params):
+        return _mix_forward(kv, h, params, spec)[0]
+
+    def forward(kv, h, params):
+        out, stats = _mix_forward(kv, h, params, spec)
+        return out, (kv, h, params, stats)
+
+    def backward(saved, cotangents):
+        d_kv, d_h, grads = _mix_backward(spec, saved, cotangents)
+        return d_kv, d_h, {k: grads[k] for k in saved[2]}
+
+    mix.defvjp(forward, backward)
+    return mix
+
+
+def _mix(kv, h, params, spec: _MixSpec):
+    """Everything after the projection: gate, gated value and short conv (eqs. 4-5).
+
+    Args:
+      kv: [B, T, S, D] projection output in spec.dtype (value, then one key per branch),
+        before its bias.
+      h: [B, T, G, D] residual branches.
+      params: float arrays: the projection's "kv_bias" [S, D] (optional), "key_scale" and
+        "query_scale" [G, D] with gating, "conv_scale" [G, D] and "conv_kernel"
+        [K, G, D] with the conv.
+
+    Returns:
+      (Y [B, T, G, D] in spec.dtype, the gate [B, T, G] or None without gating).
+    """
+    return _mix_for(spec)(kv, h, params)
+
+
+def _conv_step(x, kernel, cache, positions, dilation: int):
+    """The short conv while decoding, before its SiLU.
+
+    Args:
+      x: [B, T, G, D] normalised inputs of the new tokens.
+      kernel: [K, G, D].
+      cache: [B, S, G, D] normalised inputs of the past, by slot.
+      positions: [B, T] the slot of each new token.
+
+    Returns:
+      ([B, T, G, D], the cache with x written at `positions`); tap i reads slot
+      position - (K - 1 - i) * dilation (zero before slot 0).
+    """
+    taps = kernel.shape[0]
+    rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+    cache = cache.at[rows, positions].set(x.astype(cache.dtype), mode="drop")
+    y = 0
+    for i in range(taps):
+        slot = positions - (taps - 1 - i) * dilation  # [B, T]
+        tap = cache.at[rows, jnp.maximum(slot, 0)].get(mode="clip").astype(x.dtype)  # [B, T, G, D]
+        y = y + kernel[i] * jnp.where((slot >= 0)[..., None, None], tap, 0)
+    return y, cache
 
 
 class Engram(nn.Module):
@@ -308,32 +518,30 @@ class Engram(nn.Module):
             (MEMORY, SLOT, EMBED)), (cfg.memory_dim, slots, d), self.param_dtype)
         bias = self.param("kv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (SLOT, EMBED)),
                           (slots, d), self.param_dtype)
-        kv = jnp.einsum("btm,msd->btsd", e, kernel.astype(self.dtype)) + bias.astype(self.dtype)  # [B, T, S, D]
-        value = kv[:, :, :1]  # [B, T, 1, D]
+        kv = jnp.einsum("btm,msd->btsd", e, kernel.astype(self.dtype))  # [B, T, S, D], bias added in _mix
 
+        params = {"kv_bias": bias}
         if cfg.gating:
-            wide = jnp.promote_types(self.dtype, jnp.float32)
-            eps = cfg.gate_norm_eps or float(jnp.finfo(wide).eps)
-            key = _branch_norm(eps, wide, self.param_dtype, "key_norm")(kv[:, :, 1:].astype(wide))
-            query = _branch_norm(eps, wide, self.param_dtype, "query_norm")(h.astype(wide))
-            score = jnp.sum(key * query, axis=-1) / math.sqrt(d)  # [B, T, G]
-            if cfg.signed_sqrt:
-                score = jnp.sign(score) * jnp.sqrt(jnp.maximum(jnp.abs(score), _GATE_CLAMP))
-            gate = jax.nn.sigmoid(score)  # [B, T, G]
-            self.sow("intermediates", "gate", gate)
-            u = gate[..., None].astype(self.dtype) * value  # [B, T, G, D]
-        else:
-            u = jnp.broadcast_to(value, (b, t, g, d))
-
-        y = u
+            params["key_scale"] = _NormScale(self.param_dtype, name="key_norm")((g, d))
+            params["query_scale"] = _NormScale(self.param_dtype, name="query_norm")((g, d))
         if cfg.short_conv:
-            conv = ShortConv(cfg.kernel_size, cfg.dilation, cfg.conv_norm_eps, cfg.conv_zero_init,
-                             self.dtype, self.param_dtype, name="short_conv")
-            if cache is None:
-                y = u + conv(u)
-            else:
-                out, cache = conv(u, cache, positions)
-                y = u + out
+            params["conv_scale"], params["conv_kernel"] = ShortConv(
+                cfg.kernel_size, cfg.conv_zero_init, self.param_dtype, name="short_conv")(g, d)
+        spec = _MixSpec(dtype=jnp.dtype(self.dtype), gating=cfg.gating, signed_sqrt=cfg.signed_sqrt,
+                        gate_eps=cfg.gate_norm_eps or float(jnp.finfo(jnp.promote_types(self.dtype, jnp.float32)).eps),
+                        short_conv=cfg.short_conv, conv_eps=cfg.conv_norm_eps, dilation=cfg.dilation)
+        if cache is None:
+            y, gate = _mix(kv, h, params, spec)  # [B, T, G, D], [B, T, G]
+        else:  # decoding: no backward, the conv reads its cache
+            u, gate, *_ = _gated_value(_with_bias(kv, params, spec), h, params, spec)
+            y = u
+            if cfg.short_conv:
+                x, _ = _rms_norm(u, params["conv_scale"], spec.conv_eps, self.dtype)
+                out, cache = _conv_step(x, params["conv_kernel"].astype(self.dtype), cache, positions,
+                                        spec.dilation)
+                y = u + nn.silu(out)
+        if gate is not None:
+            self.sow("intermediates", "gate", gate)
         y = y[:, :, 0] if single else y
         return y if cache is None else (y, cache)
 

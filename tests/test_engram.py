@@ -244,3 +244,40 @@ def test_conversion_rejects_weights_that_do_not_fit(reference_dir):
     del weights["norm1.2.weight"]
     with pytest.raises(ValueError, match="norm1.2.weight"):
         engram_params_from_torch(weights, config, 1)
+
+
+@pytest.mark.parametrize("gating,short_conv,signed_sqrt,branches", [
+    (True, True, True, 4), (True, True, False, 1), (True, False, True, 4), (False, True, True, 4),
+    (False, False, True, 1)])
+def test_hand_backward_matches_autodiff_of_the_forward(gating, short_conv, signed_sqrt, branches):
+    """`_mix`'s custom_vjp (issue 20) against jax.grad of the same forward, float32."""
+    from engram_jax import engram as engram_lib
+
+    spec = engram_lib._MixSpec(dtype=jnp.dtype(jnp.float32), gating=gating, signed_sqrt=signed_sqrt,
+                               gate_eps=1e-6, short_conv=short_conv, conv_eps=1e-5, dilation=3)
+    rng = np.random.default_rng(0)
+    b, t, d, g = 2, 13, 8, branches
+    kv = jnp.asarray(rng.normal(size=(b, t, 1 + g if gating else 1, d)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, t, g, d)), jnp.float32)
+    params = {"kv_bias": jnp.asarray(rng.normal(size=kv.shape[2:]), jnp.float32)}
+    if gating:
+        params["key_scale"] = jnp.asarray(1 + 0.3 * rng.normal(size=(g, d)), jnp.float32)
+        params["query_scale"] = jnp.asarray(1 + 0.3 * rng.normal(size=(g, d)), jnp.float32)
+    if short_conv:
+        params["conv_scale"] = jnp.asarray(1 + 0.3 * rng.normal(size=(g, d)), jnp.float32)
+        params["conv_kernel"] = jnp.asarray(rng.normal(size=(4, g, d)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(b, t, g, d)), jnp.float32)
+    gate_weights = jnp.asarray(rng.normal(size=(b, t, g)), jnp.float32)
+
+    def loss(mix):
+        def value(kv, hidden, params):
+            y, gate = mix(kv, hidden, params)
+            return jnp.sum(y * weights) + (0 if gate is None else jnp.sum(gate * gate_weights))
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
+
+    auto = loss(lambda *a: engram_lib._mix_forward(*a, spec)[0])(kv, hidden, params)
+    hand = loss(lambda *a: engram_lib._mix(*a, spec))(kv, hidden, params)
+    for want, got in zip(jax.tree.leaves(auto), jax.tree.leaves(hand)):
+        # Float32 rounding on both paths, relative to the gradient's size.
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                                   atol=2e-5 * float(np.abs(np.asarray(want)).max()))
