@@ -191,7 +191,7 @@ def main() -> None:
             if seed != args.seed and variant and (path / "metrics.jsonl").is_file():
                 by_seed.setdefault(seed, {})[variant] = _recorded_final(path)["val_loss"]
         seeds = ", ".join(map(str, sorted(by_seed)))
-        draw_allocation(by_seed, f"{args.config}: sparse budget between experts and memory, {args.steps} steps, "
+        draw_allocation(by_seed, f"{args.config}: experts against memory, {args.steps} steps, "
                         f"seed{'s' if len(by_seed) > 1 else ''} {seeds}", args.out)
     default = finals.get("default", finals.get("rows_x1", finals.get("memory_0pct")))
     print(json.dumps({"benchmark": f"sweep_{args.sweep}", "config": args.config, "steps": args.steps, "seed": args.seed,
