@@ -140,12 +140,15 @@ class HotRows:
             hits[layer] = (hit, self.rows[key][slot])  # [B, T, H], [B, T, H, Dh]
             missed_ids[layer] = jnp.where(hit, -1, ids)
         slots = next(iter(hash_ids.values())).size  # ids per layer (every layer has B x T x H)
-        capacity = self.capacity(tables, slots)
-        missed, stats = tables.lookup(table_rows, missed_ids, dtype, capacity=capacity)
-        over = sum(stats[f"engram_dropped_ids/{layer}"] for layer in hash_ids) > 0
-        missed = jax.lax.cond(over, lambda: tables.lookup(table_rows, missed_ids, dtype)[0], lambda: missed)
-        layers = len(hash_ids)
-        read = layers * (tables.rows_read(slots, capacity) + jnp.where(over, tables.rows_read(slots), 0))
+        layers, capacity = len(hash_ids), self.capacity(tables, slots)
+        if capacity >= tables.capacity(-(-slots // tables.devices)):  # no smaller than the engine's own read
+            missed, _ = tables.lookup(table_rows, missed_ids, dtype)
+            over, read = jnp.bool_(False), layers * tables.rows_read(slots)
+        else:
+            missed, stats = tables.lookup(table_rows, missed_ids, dtype, capacity=capacity)
+            over = sum(stats[f"engram_dropped_ids/{layer}"] for layer in hash_ids) > 0
+            missed = jax.lax.cond(over, lambda: tables.lookup(table_rows, missed_ids, dtype)[0], lambda: missed)
+            read = layers * (tables.rows_read(slots, capacity) + jnp.where(over, tables.rows_read(slots), 0))
         out = {}
         for layer, (hit, rows) in hits.items():
             b, t, h = hit.shape

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import decode, hot_rows, model as model_lib, sharding, table, table_optim
+from engram_jax import decode, hlo, hot_rows, model as model_lib, sharding, table, table_optim
 from engram_jax.attention import AttentionConfig
 from engram_jax.config_base import ConfigError
 from engram_jax.decode import Decoder, SamplingConfig
@@ -202,6 +202,12 @@ def test_hot_rows_serve_hits_and_change_no_logit(setup, greedy):
     # The misses are read with buckets sized for them: fewer rows than the engine's lookup.
     full = len(ids) * setup.tables.rows_read(ids[1].size)
     assert hot.miss_share < 1 and int(reads["fallback"]) == 0 and 0 < int(reads["table_rows"]) < full
+    # ... in the compiled program: each device gathers shards x C table rows, C the cache's.
+    rows = setup.tables.rows_read(ids[1].size, hot.capacity(setup.tables, ids[1].size)) // setup.tables.devices
+    text = lookup.lower(setup.rows, hot, ids).compile().as_text()
+    gathered = {shape[0] for _, result, op in hlo.instructions(text) if op == "gather"
+                for _, shape in hlo.arrays(result) if shape[-1] == engram.head_dim}
+    assert rows in gathered and rows < setup.tables.rows_read(ids[1].size) // setup.tables.devices, gathered
     # Misses that overflow a tight read are read again with full buckets: same numbers, counted.
     tight = hot_rows.HotRows.build(counts, setup.rows, engram, k=1, miss_share=1e-3)  # C = 2 ids per bucket
     ids = {layer: jnp.asarray(v) for layer, v in setup.hasher(np.concatenate(sequences)[None]).items()}
