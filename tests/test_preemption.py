@@ -221,9 +221,11 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(straight, tmp_path):
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if not INFO.match(line)]
         assert len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"engram-train: error: saving the checkpoint of step 4 in "
-                                   f"{workdir / 'checkpoints' / '4'} failed: no space left on device (writing "
-                                   f"{workdir / 'checkpoints' / '4.orbax-checkpoint-tmp'}/"), lines[0]
+        # The write that hits the full disk is a file in the unfinished folder or (when a
+        # subfolder cannot be made) the folder itself: which one varies with timing.
+        head = (f"engram-train: error: saving the checkpoint of step 4 in {workdir / 'checkpoints' / '4'} failed: "
+                f"no space left on device (writing {workdir / 'checkpoints' / '4.orbax-checkpoint-tmp'}")
+        assert lines[0].startswith(head) and lines[0][len(head)] in "/)", lines[0]
         assert "): the checkpoint's arrays need about " in lines[0] and " are free; " in lines[0]
         assert lines[0].endswith("; a rerun resumes from step 1"), lines[0]
         assert "Traceback" in (workdir / "engram-train.log").read_text()
