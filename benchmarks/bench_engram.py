@@ -20,7 +20,9 @@ the signed-square-root gate, one value Linear, a grouped Conv1d over RMSNorm'd
 branches, SiLU), re-written here as a harness of the same modules, in PyTorch at the
 same shapes and float32, from the same gathered rows (hashing and the table's gradient
 left out on both sides). It needs torch (not a dependency of engram-jax) and skips
-when torch is missing.
+when torch is missing. It also prints the floor: the layer's forward+backward FLOPs at
+the machine's best float32 matmul rate, and the reference's time over that floor, the
+largest speed-up any code could show on this machine.
 
 Prints one JSON object. On CPU the numbers are for comparing variants (ratios); the
 absolute numbers that matter come from an accelerator.
@@ -309,11 +311,32 @@ def reference(args, branches: int) -> dict | None:
             call()
             samples[name].append(time.perf_counter() - start)
     ms = {name: float(np.median(s)) * 1e3 for name, s in samples.items()}
+    # The floor: the forward+backward's FLOPs (nearly all of them the projection's three
+    # dots, which the reference computes too) at this machine's best float32 matmul rate.
+    flops = backward.lower(params, hidden).compile().cost_analysis()["flops"]
+    peak = matmul_peak_flops()
+    floor_ms = flops / peak * 1e3
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             **{f"{name}_ms": round(v, 2) for name, v in ms.items()},
             "forward_speedup_vs_reference": round(ms["ref_fwd"] / ms["jax_fwd"], 2),
-            "forward_backward_speedup_vs_reference": round(ms["ref_bwd"] / ms["jax_bwd"], 2)}
+            "forward_backward_speedup_vs_reference": round(ms["ref_bwd"] / ms["jax_bwd"], 2),
+            "jax_fwd_bwd_gflop": round(flops / 1e9, 2), "matmul_peak_gflops": round(peak / 1e9, 1),
+            "jax_fwd_bwd_floor_ms": round(floor_ms, 1),
+            "largest_possible_speedup_vs_reference": round(ms["ref_bwd"] / floor_ms, 2)}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of this machine's fastest float32 [n, n] x [n, n] matmul through XLA (best of `repeats`)."""
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def main() -> None:
