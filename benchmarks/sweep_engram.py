@@ -179,6 +179,9 @@ def main() -> None:
         raise SystemExit(f"--redraw: no recorded run of these variants in {args.record}")
     finals = {v: r["val_loss"] for v, r in runs.items()}
     what = f"{args.steps} steps, seed {args.seed}"
+    source = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("data.source=")), None)
+    if source:  # the corpus in the title when it is not the default
+        what += f", {pathlib.Path(source).name}"
     if args.sweep == "ablations":
         draw_bars(finals, f"{args.config}: Engram ablations, {what}", args.out)
     elif args.sweep == "table_size":
