@@ -5,6 +5,8 @@
     python benchmarks/sweep_engram.py --sweep table_size              # rows x 1/4 .. 16, backbone fixed
     python benchmarks/sweep_engram.py --sweep allocation --seed 1     # memory's share of the sparse budget
     python benchmarks/sweep_engram.py --redraw                        # one plot of what is recorded
+    python benchmarks/sweep_engram.py --set data.source=prose.jsonl.gz --record benchmarks/runs/ablations_prose
+                                            # another corpus (benchmarks/prose_corpus.py writes this one)
 
 Each variant is `--set` overrides of the preset (below). Every run is a plain `train()`
 (compare_engram.py's `_train_and_record`: the same data order, tokenizer and validation
