@@ -140,15 +140,17 @@ class HotRows:
             hits[layer] = (hit, self.rows[key][slot])  # [B, T, H], [B, T, H, Dh]
             missed_ids[layer] = jnp.where(hit, -1, ids)
         slots = next(iter(hash_ids.values())).size  # ids per layer (every layer has B x T x H)
-        layers, capacity = len(hash_ids), self.capacity(tables, slots)
-        if capacity >= tables.capacity(-(-slots // tables.devices)):  # no smaller than the engine's own read
+        capacity = self.capacity(tables, slots)
+        full, small = tables.rows_read(slots), tables.rows_read(slots, capacity)  # per layer
+        if small >= full:  # no smaller than the engine's own read
             missed, _ = tables.lookup(table_rows, missed_ids, dtype)
-            over, read = jnp.bool_(False), layers * tables.rows_read(slots)
+            over, read = jnp.bool_(False), full
         else:
             missed, stats = tables.lookup(table_rows, missed_ids, dtype, capacity=capacity)
             over = sum(stats[f"engram_dropped_ids/{layer}"] for layer in hash_ids) > 0
             missed = jax.lax.cond(over, lambda: tables.lookup(table_rows, missed_ids, dtype)[0], lambda: missed)
-            read = layers * (tables.rows_read(slots, capacity) + jnp.where(over, tables.rows_read(slots), 0))
+            read = small + jnp.where(over, full, 0)
+        read = len(hash_ids) * read
         out = {}
         for layer, (hit, rows) in hits.items():
             b, t, h = hit.shape

@@ -415,14 +415,17 @@ class Tables:
         """Row slots one layer's lookup of `ids` id slots gathers from its table, summed
         over devices: every device gathers shards x C rows (its buckets' static shape),
         whatever the ids' values, so this is also what a host table's lookup copies."""
-        local = -(-ids // self.devices)
-        c = self.capacity(local) if capacity is None else max(1, min(capacity, local))
+        c = self._bucket_capacity(-(-ids // self.devices), capacity)
         return self.devices * next(iter(self.layouts.values())).shards * c
+
+    def _bucket_capacity(self, local_ids: int, capacity: int | None) -> int:
+        """C for a device with `local_ids` id slots: `capacity` (clamped to [1, local_ids])
+        when given, else the engine's (`capacity`)."""
+        return self.capacity(local_ids) if capacity is None else max(1, min(capacity, local_ids))
 
     def _lookup_layer(self, table, flat_ids, layout: TableLayout, salt, capacity: int | None = None):
         everywhere = PartitionSpec(self.axes)
-        local_ids = flat_ids.shape[0] // self.devices
-        capacity = self.capacity(local_ids) if capacity is None else max(1, min(capacity, local_ids))
+        capacity = self._bucket_capacity(flat_ids.shape[0] // self.devices, capacity)
 
         def local(table, ids, salt):  # table [R, Dh] (this shard), ids [U] (this device)
             inverse, owner, position, unique = self._plan(ids, layout, capacity, salt)

@@ -259,7 +259,6 @@ def test_scanned_blocks_compute_what_unrolled_blocks_compute():
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=None)  # the remat="none" reference is shared by two cases
 def gradients(config):
     """Gradients of a loss with respect to the parameters and the memory vectors."""
